@@ -1,0 +1,9 @@
+"""Where the datasets that ship with the repository live (built by `python -m launch.build_dataset`)."""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# MMFF94 structures, GFN2-xTB energies/forces, GFN2-xTB reference minima for val/test (issue 3).
+BUNDLED_DATASET = REPO_ROOT / "data" / "bundled"
+# A tiny subset of the bundled dataset for tests and the `smoke` config.
+SMOKE_DATASET = REPO_ROOT / "data" / "smoke"

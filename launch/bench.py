@@ -1,0 +1,44 @@
+"""Runs the benchmark suites and writes one JSON file.
+
+  python -m launch.bench [--only data,model,train] [--quick] [--out bench.json]
+"""
+
+import importlib
+import json
+import platform
+import time
+
+from absl import app, flags
+
+from consist.bench import SUITES
+
+_ONLY = flags.DEFINE_list("only", list(SUITES), f"Suites to run, a subset of {SUITES}.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smaller sizes (for a smoke check of the benchmark itself).")
+_OUT = flags.DEFINE_string("out", "bench.json", "Output JSON path.")
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_ONLY.value) - set(SUITES))
+  if unknown:
+    raise app.UsageError(f"--only: unknown suite(s) {unknown}; choose from {SUITES}")
+  import jax  # after absl parsed flags, so --jax_* flags apply
+
+  result = {
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "jax_backend": jax.default_backend(), "devices": jax.device_count()},
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "suites": {},
+  }
+  for name in _ONLY.value:
+    t0 = time.perf_counter()
+    result["suites"][name] = importlib.import_module(f"consist.bench.{name}").run(quick=_QUICK.value)
+    result["suites"][name]["suite_wall_s"] = time.perf_counter() - t0
+    print(f"[bench] {name}: done in {result['suites'][name]['suite_wall_s']:.1f} s", flush=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
