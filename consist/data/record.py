@@ -22,6 +22,15 @@ MIN_INTERATOMIC_DISTANCE = 0.1
 VALID_BOND_ORDERS = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
+def _json_array(arr: np.ndarray) -> list:
+  """Nested lists of Python numbers; float32 values print as their shortest float32 repr (0.74, not 0.7400000095)."""
+  arr = np.asarray(arr)
+  if arr.dtype == np.float32:
+    shortest = [float(str(v)) for v in arr.ravel()]  # str(np.float32) is the shortest round-trip repr
+    return np.array(shortest, dtype=object).reshape(arr.shape).tolist()
+  return arr.tolist()
+
+
 class RecordError(ValueError):
   """A record is malformed. The message names the source and record at fault."""
 
@@ -150,24 +159,24 @@ class MoleculeRecord:
         "mol_id": self.mol_id,
         "smiles": self.smiles,
         "n_atoms": self.n_atoms,
-        "atomic_numbers": self.atomic_numbers.tolist(),
-        "positions_angstrom": np.asarray(self.positions).tolist(),
+        "atomic_numbers": np.asarray(self.atomic_numbers).tolist(),
+        "positions_angstrom": _json_array(self.positions),
         "charge": int(self.charge),
         "multiplicity": int(self.multiplicity),
         "is_equilibrium": bool(self.is_equilibrium),
         "structure_fidelity": self.structure_fidelity,
     }
     if self.bonds is not None:
-      out["bonds"] = np.asarray(self.bonds).tolist()
-      out["bond_orders"] = np.asarray(self.bond_orders).tolist()
+      out["bonds"] = _json_array(self.bonds)
+      out["bond_orders"] = _json_array(self.bond_orders)
     if self.energy is not None:
       out["energy_ev"] = float(self.energy)
     if self.forces is not None:
-      out["forces_ev_per_angstrom"] = np.asarray(self.forces).tolist()
+      out["forces_ev_per_angstrom"] = _json_array(self.forces)
     if self.energy is not None or self.forces is not None:
       out["label_fidelity"] = self.label_fidelity
     if self.ref_positions is not None:
-      out["ref_positions_angstrom"] = np.asarray(self.ref_positions).tolist()
+      out["ref_positions_angstrom"] = _json_array(self.ref_positions)
       out["ref_fidelity"] = self.ref_fidelity
     if self.ref_energy is not None:
       out["ref_energy_ev"] = float(self.ref_energy)
