@@ -32,7 +32,15 @@ def _json_array(arr: np.ndarray) -> list:
 
 
 class RecordError(ValueError):
-  """A record is malformed. The message names the source and record at fault."""
+  """A record is malformed. The message names the source and record at fault.
+
+  Attributes:
+    reason: a short snake_case key converters count skipped records under.
+  """
+
+  def __init__(self, message: str, reason: str = "invalid_record"):
+    super().__init__(message)
+    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,41 +102,41 @@ class MoleculeRecord:
     """
     loc = f"{where or 'record'} (mol_id={self.mol_id!r})"
 
-    def fail(msg: str):
-      raise RecordError(f"{loc}: {msg}")
+    def fail(msg: str, reason: str = "invalid_record"):
+      raise RecordError(f"{loc}: {msg}", reason)
 
     z = np.asarray(self.atomic_numbers)
     if z.ndim != 1:
       fail(f"atomic_numbers must be 1-D, got shape {z.shape}")
     n = z.shape[0]
     if n == 0:
-      fail("empty molecule (0 atoms)")
+      fail("empty molecule (0 atoms)", "empty_molecule")
     if not np.issubdtype(z.dtype, np.integer):
       fail(f"atomic_numbers must be integers, got dtype {z.dtype}")
     bad = (z < 1) | (z > MAX_Z)
     if bad.any():
-      fail(f"unknown element: atomic number {int(z[bad][0])} at atom {int(np.argmax(bad))}")
+      fail(f"unknown element: atomic number {int(z[bad][0])} at atom {int(np.argmax(bad))}", "unknown_element")
     for name in ("positions", "forces", "ref_positions"):
       arr = getattr(self, name)
       if arr is None:
         continue
       arr = np.asarray(arr)
       if arr.shape != (n, 3):
-        fail(f"{name} has shape {arr.shape}, expected ({n}, 3) for {n} atoms")
+        fail(f"{name} has shape {arr.shape}, expected ({n}, 3) for {n} atoms", "length_mismatch")
       if not np.isfinite(arr).all():
         i = int(np.argmax(~np.isfinite(arr).all(axis=1)))
-        fail(f"{name} has NaN/inf at atom {i}")
+        fail(f"{name} has NaN/inf at atom {i}", "non_finite")
     for name in ("energy", "ref_energy"):
       v = getattr(self, name)
       if v is not None and not np.isfinite(v):
-        fail(f"{name} is {v}")
+        fail(f"{name} is {v}", "non_finite")
     for name, pos in (("positions", self.positions), ("ref_positions", self.ref_positions)):
       if pos is not None and n > 1:
         d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
         d[np.diag_indices(n)] = np.inf
         if d.min() < MIN_INTERATOMIC_DISTANCE:
           i, j = np.unravel_index(np.argmin(d), d.shape)
-          fail(f"duplicate atoms in {name}: atoms {i} and {j} are {d[i, j]:.3g} Å apart")
+          fail(f"duplicate atoms in {name}: atoms {i} and {j} are {d[i, j]:.3g} Å apart", "duplicate_atoms")
     if (self.bonds is None) != (self.bond_orders is None):
       fail("bonds and bond_orders must be given together")
     if self.bonds is not None:
@@ -146,7 +154,7 @@ class MoleculeRecord:
     if self.multiplicity < 1:
       fail(f"multiplicity must be >= 1, got {self.multiplicity}")
     if (self.energy is not None or self.forces is not None) and not self.label_fidelity:
-      fail("energy/forces given without a label_fidelity tag")
+      fail("energy/forces given without a label_fidelity tag", "missing_fidelity")
     if self.ref_positions is not None and not self.ref_fidelity:
       fail("ref_positions given without a ref_fidelity tag")
     if self.ref_energy is not None and self.ref_positions is None:

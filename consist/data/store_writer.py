@@ -226,7 +226,7 @@ class StoreWriter:
     record.validate(where)
 
     def fail(msg: str):
-      raise RecordError(f"{where or 'record'} (mol_id={record.mol_id!r}): {msg}")
+      raise RecordError(f"{where or 'record'} (mol_id={record.mol_id!r}): {msg}", "unstorable_value")
 
     for name in ("mol_id", "smiles", "structure_fidelity", "label_fidelity", "ref_fidelity"):
       if not isinstance(getattr(record, name), str):
