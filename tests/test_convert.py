@@ -343,8 +343,8 @@ def test_store_rejection_counts_as_skip(tmp_path):
   src = tmp_path / "f.extxyz"
   src.write_text(frames)
   report, store, _ = _convert(tmp_path, "extxyz", src, skip_bad=True, fidelity="pbe")
-  assert (report["read"], report["written"], report["skipped"]) == (3, 2, {"invalid_record": 1})
-  assert "frame 1" in report["examples"]["invalid_record"]
+  assert (report["read"], report["written"], report["skipped"]) == (3, 2, {"unstorable_value": 1})
+  assert "frame 1" in report["examples"]["unstorable_value"]
   assert len(store) == 2
 
 
