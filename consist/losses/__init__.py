@@ -1,0 +1,1 @@
+"""Pure, masked, per-molecule-normalised losses; each returns (scalar, metrics dict)."""

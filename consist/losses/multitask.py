@@ -1,0 +1,51 @@
+"""Stage-1 losses: energy MSE, force MSE (forces = -grad E), denoising score matching."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from consist import diffusion
+from consist.losses.masking import graph_mean, masked_mean, num_atoms
+from consist.types import GraphBatch
+
+
+def energy_loss(energy_G: jax.Array, batch: GraphBatch, *,
+                per_atom: bool) -> tuple[jax.Array, dict]:
+  """MSE of energies (eV^2) over graphs with `energy_mask`.
+
+  per_atom: compare (E_pred - E) / n_atoms, i.e. eV^2/atom^2, so a molecule weighs the same
+  whatever its size (recommended when sizes vary); else total-energy MSE.
+  """
+  err = energy_G - batch.energy
+  if per_atom:
+    err = err / jnp.maximum(num_atoms(batch, err.dtype), 1.0)
+  mse = masked_mean(err**2, batch.energy_mask & batch.graph_mask)
+  return mse, {"energy_mse": mse,
+               "energy_mae": masked_mean(jnp.abs(energy_G - batch.energy),
+                                         batch.energy_mask & batch.graph_mask)}
+
+
+def forces_loss(forces_N3: jax.Array, batch: GraphBatch) -> tuple[jax.Array, dict]:
+  """Per graph, mean over atoms of |F_pred - F|^2 (eV^2/Å^2); mean over graphs with forces."""
+  sq = jnp.sum((forces_N3 - batch.forces) ** 2, axis=-1)
+  mse = masked_mean(graph_mean(sq, batch), batch.forces_mask & batch.graph_mask)
+  return mse, {"forces_mse": mse, "forces_rmse": jnp.sqrt(mse / 3.0)}
+
+
+def denoising_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch, schedule: diffusion.Schedule,
+                   rng: jax.Array, *, t_min: float, t_max: float = 1.0) -> tuple[jax.Array, dict]:
+  """Denoising score matching on equilibrium structures, t ~ U[t_min, t_max] per graph.
+
+  Per graph, mean over atoms of |eps_pred - eps|^2 (eps-space, dimensionless); mean over graphs
+  with `is_equilibrium`.
+  """
+  t_rng, eps_rng = jax.random.split(rng)
+  dtype = batch.positions.dtype
+  t_G = jax.random.uniform(t_rng, batch.graph_mask.shape, dtype, t_min, t_max)
+  eps = diffusion.centered_noise(eps_rng, batch, dtype)
+  x_t = diffusion.add_noise(diffusion.to_scaled(batch.positions, batch, schedule), eps, t_G,
+                            batch, schedule)
+  sq = jnp.sum((eps_fn(x_t, t_G) - eps) ** 2, axis=-1)
+  loss = masked_mean(graph_mean(sq, batch), batch.is_equilibrium & batch.graph_mask)
+  return loss, {"denoise_mse": loss}

@@ -1,0 +1,141 @@
+"""The shared E(3)-equivariant encoder: message passing over a `GraphBatch` (e3nn-jax, flax.linen).
+
+Inputs per node: atom type (embedding); per edge: bond order (one-hot + value), distance (Gaussian
+radial basis) and direction (spherical harmonics up to `max_l`, `1o` in xyz order); per graph: the
+diffusion time t (sinusoidal embedding) and the task being asked (`TASK_ENERGY` or
+`TASK_STRUCTURE`), both added to the initial node scalars. Output: per-node irreps
+`channels x 0e + vector_channels x (1o + 2e + ...)`.
+
+Padding: padding edges have length exactly 0 and padding nodes sit at the origin. Distances use a
+double-`where` safe norm, so values, gradients and second derivatives w.r.t. positions are finite;
+padding edges carry no message (`edge_mask`), and padding nodes never send to real nodes.
+"""
+
+from __future__ import annotations
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from consist.data.record import MAX_Z
+from consist.models.config import ModelConfig
+from consist.types import GraphBatch
+
+TASK_ENERGY = 0
+TASK_STRUCTURE = 1
+# Bond-order categories of `GraphBatch.bond_order` (0 = not bonded, 1.5 = aromatic).
+BOND_ORDERS = (0.0, 1.0, 1.5, 2.0, 3.0)
+
+
+def hidden_irreps(config: ModelConfig) -> e3nn.Irreps:
+  """`channels x 0e + vector_channels x 1o + vector_channels x 2e ...` (parity (-1)^l)."""
+  terms = [f"{config.channels}x0e"]
+  terms += [f"{config.vector_channels}x{l}{'e' if l % 2 == 0 else 'o'}"
+            for l in range(1, config.max_l + 1)]
+  return e3nn.Irreps("+".join(terms))
+
+
+def gated_irreps(irreps: e3nn.Irreps) -> e3nn.Irreps:
+  """Irreps that `e3nn.gate` maps to `irreps`: the scalars, one gate per non-scalar, non-scalars."""
+  scalars = irreps.filter(keep=["0e"])
+  vectors = irreps.filter(drop=["0e"])
+  return (scalars + e3nn.Irreps(f"{vectors.num_irreps}x0e") + vectors).simplify()
+
+
+def safe_edge_geometry(vectors_E3: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(lengths [E] in Å, unit vectors [E, 3]); zero-length edges give length 0 and vector 0.
+
+  Double `where`: the square root only ever sees positive arguments, so derivatives of any order
+  are finite at zero-length (padding) edges.
+  """
+  r2 = jnp.sum(vectors_E3**2, axis=-1)
+  nonzero = r2 > 0.0
+  r2_safe = jnp.where(nonzero, r2, 1.0)
+  lengths = jnp.where(nonzero, jnp.sqrt(r2_safe), 0.0)
+  units = vectors_E3 / jnp.sqrt(r2_safe)[:, None]
+  return lengths, units
+
+
+def time_embedding(t_G: jax.Array, num_frequencies: int) -> jax.Array:
+  """Sinusoidal embedding of t in [0, 1]: [G] -> [G, 2 * num_frequencies]."""
+  freqs = jnp.pi * 2.0 ** jnp.arange(num_frequencies, dtype=t_G.dtype)
+  angles = t_G[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def edge_features(config: ModelConfig, batch: GraphBatch, positions_N3: jax.Array):
+  """(spherical harmonics [E, irreps], edge scalars [E, F], edge weight [E]) at positions (Å).
+
+  Edge scalars: Gaussian radial basis of the length + bond-order one-hot + bond order. Weight:
+  1 on bonded edges, the smooth cutoff envelope on non-bonded ones, 0 on padding edges.
+  """
+  dtype = positions_N3.dtype
+  vectors = positions_N3[batch.receivers] - positions_N3[batch.senders]
+  lengths, units = safe_edge_geometry(vectors)
+  sh = e3nn.spherical_harmonics(e3nn.Irreps.spherical_harmonics(config.max_l), units,
+                                normalize=False, normalization="component")
+  centers = jnp.linspace(0.0, config.cutoff, config.num_radial, dtype=dtype)
+  width = config.cutoff / config.num_radial
+  radial = jnp.exp(-(((lengths[:, None] - centers[None, :]) / width) ** 2))
+  bond_one_hot = (batch.bond_order[:, None] == jnp.asarray(BOND_ORDERS)[None, :]).astype(dtype)
+  edge_scalars = jnp.concatenate(
+      [radial, bond_one_hot, batch.bond_order[:, None].astype(dtype)], axis=-1)
+  bonded = batch.bond_order > 0
+  envelope = e3nn.poly_envelope(5, 2)(lengths / config.cutoff)
+  edge_weight = jnp.where(bonded, 1.0, envelope) * batch.edge_mask
+  return sh, edge_scalars, edge_weight
+
+
+class Interaction(nn.Module):
+  """One message-passing layer: x_j (x) Y(r_ij) weighted by an MLP of the edge scalars, gated."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: e3nn.IrrepsArray, sh: e3nn.IrrepsArray, edge_scalars: jax.Array,
+               edge_weight: jax.Array, senders: jax.Array, receivers: jax.Array) -> e3nn.IrrepsArray:
+    cfg = self.config
+    out_irreps = hidden_irreps(cfg)
+    gate_in = gated_irreps(out_irreps)
+    x_mixed = e3nn.flax.Linear(x.irreps, name="pre_linear")(x)
+    messages = e3nn.tensor_product(x_mixed[senders], sh, filter_ir_out=out_irreps)
+    weights = e3nn.flax.MultiLayerPerceptron(
+        (cfg.radial_hidden, messages.irreps.num_irreps), act=jax.nn.silu,
+        output_activation=False, name="radial_mlp")(edge_scalars)
+    messages = messages * (weights * edge_weight[:, None])
+    aggregated = e3nn.scatter_sum(messages, dst=receivers, output_size=x.shape[0])
+    aggregated = aggregated / jnp.sqrt(cfg.avg_num_neighbors)
+    y = (e3nn.flax.Linear(gate_in, force_irreps_out=True, name="message_linear")(aggregated)
+         + e3nn.flax.Linear(gate_in, force_irreps_out=True, name="self_linear")(x))
+    y = e3nn.gate(y, even_act=jax.nn.silu, even_gate_act=jax.nn.sigmoid)
+    if y.irreps == x.irreps:
+      y = y + x
+    return y
+
+
+class Encoder(nn.Module):
+  """Shared encoder. Call with (batch, positions [N, 3] Å, t [G], task int)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array,
+               task: int) -> e3nn.IrrepsArray:
+    cfg = self.config
+    dtype = positions_N3.dtype
+    # Node scalars: atom type + (time, task) conditioning of the node's graph.
+    h = nn.Embed(MAX_Z + 1, cfg.channels, name="atom_embedding")(batch.atomic_numbers)
+    cond = e3nn.flax.MultiLayerPerceptron((cfg.channels, cfg.channels), act=jax.nn.silu,
+                                          output_activation=False, name="time_mlp")(
+        time_embedding(t_G.astype(dtype), cfg.time_frequencies))
+    cond = cond + nn.Embed(2, cfg.channels, name="task_embedding")(
+        jnp.full(t_G.shape, task, jnp.int32))
+    h = h.astype(dtype) + cond[batch.node_graph].astype(dtype)
+    x = e3nn.IrrepsArray(f"{cfg.channels}x0e", h)
+
+    sh, edge_scalars, edge_weight = edge_features(cfg, batch, positions_N3)
+    for i in range(cfg.num_layers):
+      x = Interaction(cfg, name=f"interaction_{i}")(
+          x, sh, edge_scalars, edge_weight, batch.senders, batch.receivers)
+    return x

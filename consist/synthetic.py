@@ -1,0 +1,199 @@
+"""A synthetic two-fidelity world on real molecular graphs, with exactly known minima.
+
+Molecules: small organic molecules from SMILES (RDKit, explicit hydrogens, ETKDG 3D embedding,
+seeded, then MMFF-relaxed so geometries are chemically sensible). Their geometry R* defines the
+"accurate" level of theory: an elastic network of harmonic springs on every atom pair 1, 2 or 3
+bonds apart (bond stretches, 1-3 Urey-Bradley angles, 1-4 torsion springs):
+
+    E_acc(R) = sum_springs k/2 (|r_i - r_j| - d*_ij)^2,   d*_ij = |R*_i - R*_j|,
+
+so R* is an exact global minimum (E = 0, forces 0) and it is unique up to rigid motion near R*.
+The "cheap" level uses the same springs with biased rest lengths (the known bias): bonds to
+hydrogen +`CHEAP_H_BOND_BIAS`, bonds between heavy atoms +`CHEAP_HEAVY_BOND_BIAS` (relative);
+1-3 and 1-4 rest lengths unchanged. The conflicting rest lengths are relaxed together (L-BFGS,
+float64, |F| < 1e-6 eV/Å) into the cheap minimum R_c — the cheap "equilibrium structure" label,
+like an MMFF / PM6 geometry. Accurate energies and forces are computed at R_c and at
+off-equilibrium structures (Gaussian kicks around R_c), like the single points of the builder.
+
+Energies are in eV, positions in Å, forces in eV/Å, all computed in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+from consist.data.record import MoleculeRecord
+
+DEFAULT_SMILES = ("CCO", "CC(=O)O", "C=CC=O", "CN", "OC=O", "CC#N")
+# Spring constants (eV/Å^2) by topological distance 1 (bond), 2 (angle), 3 (torsion).
+SPRING_CONSTANTS = {1: 25.0, 2: 6.0, 3: 1.5}
+CHEAP_H_BOND_BIAS = 0.06
+CHEAP_HEAVY_BOND_BIAS = -0.04
+ACCURATE, CHEAP = "synthetic-accurate", "synthetic-cheap"
+
+
+@flax.struct.dataclass
+class Springs:
+  """Harmonic springs of one molecule: atom pairs i, j [S], constants k [S] eV/Å^2, rest [S] Å."""
+
+  i: np.ndarray
+  j: np.ndarray
+  k: np.ndarray
+  rest: np.ndarray
+
+
+def spring_energy(positions_N3: jax.Array, springs: Springs, spring_graph: jax.Array,
+                  num_graphs: int) -> jax.Array:
+  """Energy per graph [G], eV. `spring_graph` [S]: graph of each spring (indices into positions)."""
+  d = positions_N3[springs.i] - positions_N3[springs.j]
+  r = jnp.sqrt(jnp.sum(d**2, axis=-1))
+  return jax.ops.segment_sum(0.5 * springs.k * (r - springs.rest) ** 2, spring_graph,
+                             num_segments=num_graphs)
+
+
+@jax.jit
+@jax.value_and_grad
+def _molecule_energy(positions_N3: jax.Array, springs: Springs) -> jax.Array:
+  return spring_energy(positions_N3, springs, jnp.zeros(springs.i.shape, jnp.int32), 1)[0]
+
+
+def _energy_and_forces_f64(positions: np.ndarray, springs: Springs) -> tuple[float, np.ndarray]:
+  with jax.enable_x64(True):
+    e, g = _molecule_energy(jnp.asarray(positions, jnp.float64),
+                            jax.tree.map(jnp.asarray, springs))
+    return float(e), -np.asarray(g, np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticMolecule:
+  """One molecule of the world: graph, both spring sets and both exact minima (Å)."""
+
+  smiles: str
+  atomic_numbers: np.ndarray
+  bonds: np.ndarray
+  bond_orders: np.ndarray
+  accurate: Springs
+  cheap: Springs
+  accurate_minimum: np.ndarray
+  cheap_minimum: np.ndarray
+
+  @property
+  def n_atoms(self) -> int:
+    return int(self.atomic_numbers.shape[0])
+
+  def energy_and_forces(self, positions: np.ndarray, level: str = ACCURATE):
+    """(energy eV, forces [n, 3] eV/Å) at `level` (ACCURATE or CHEAP), float64."""
+    return _energy_and_forces_f64(positions, self.accurate if level == ACCURATE else self.cheap)
+
+
+def _springs_from_geometry(mol: Chem.Mol, positions: np.ndarray) -> tuple[Springs, Springs]:
+  """(accurate, cheap) springs: rest lengths of `positions`, cheap bonds biased."""
+  topo = Chem.GetDistanceMatrix(mol)
+  i, j = np.nonzero(np.triu((topo >= 1) & (topo <= 3)))
+  order = topo[i, j].astype(int)
+  k = np.asarray([SPRING_CONSTANTS[o] for o in order], np.float64)
+  rest = np.linalg.norm(positions[i] - positions[j], axis=-1)
+  z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()])
+  has_h = (z[i] == 1) | (z[j] == 1)
+  bias = np.where(order == 1, np.where(has_h, CHEAP_H_BOND_BIAS, CHEAP_HEAVY_BOND_BIAS), 0.0)
+  accurate = Springs(i.astype(np.int32), j.astype(np.int32), k, rest)
+  return accurate, accurate.replace(rest=rest * (1.0 + bias))
+
+
+def _relax(positions: np.ndarray, springs: Springs) -> np.ndarray:
+  """Minimum of the spring energy from `positions` (float64 L-BFGS), raising if not converged."""
+
+  def fun(x):
+    e, f = _energy_and_forces_f64(x.reshape(-1, 3), springs)
+    return e, -f.ravel()
+
+  res = scipy.optimize.minimize(fun, positions.ravel(), jac=True, method="L-BFGS-B",
+                                options={"gtol": 1e-10, "ftol": 0.0, "maxiter": 10_000})
+  out = res.x.reshape(-1, 3)
+  fmax = np.abs(_energy_and_forces_f64(out, springs)[1]).max()
+  if fmax > 1e-6:
+    raise RuntimeError(f"synthetic world: cheap relaxation did not converge (max |F| {fmax:.2e} eV/Å)")
+  return out
+
+
+def make_molecule(smiles: str, seed: int = 0) -> SyntheticMolecule:
+  mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+  if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
+    raise ValueError(f"synthetic world: RDKit could not embed {smiles!r}")
+  AllChem.MMFFOptimizeMolecule(mol)
+  positions = mol.GetConformer().GetPositions().astype(np.float64)
+  positions -= positions.mean(axis=0)
+  accurate, cheap = _springs_from_geometry(mol, positions)
+  bonds = np.asarray([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()], np.int64)
+  orders = np.asarray([b.GetBondTypeAsDouble() for b in mol.GetBonds()], np.float64)
+  return SyntheticMolecule(
+      smiles=smiles, atomic_numbers=np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], np.int64),
+      bonds=bonds, bond_orders=orders, accurate=accurate, cheap=cheap,
+      accurate_minimum=positions, cheap_minimum=_relax(positions, cheap))
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticWorld:
+  molecules: tuple[SyntheticMolecule, ...]
+
+  def _record(self, index: int, positions: np.ndarray, *, equilibrium: bool) -> MoleculeRecord:
+    mol = self.molecules[index]
+    energy, forces = mol.energy_and_forces(positions, ACCURATE)
+    return MoleculeRecord(
+        mol_id=f"synthetic-{index}", atomic_numbers=mol.atomic_numbers, positions=positions,
+        smiles=mol.smiles, bonds=mol.bonds, bond_orders=mol.bond_orders, energy=energy,
+        forces=forces, is_equilibrium=equilibrium, structure_fidelity=CHEAP if equilibrium else "",
+        label_fidelity=ACCURATE, ref_positions=mol.accurate_minimum, ref_fidelity=ACCURATE,
+        ref_energy=0.0).validate(f"synthetic world, molecule {index} ({mol.smiles})")
+
+  def equilibrium_records(self) -> list[MoleculeRecord]:
+    """Per molecule: the cheap minimum (structure label) with accurate energy and forces there;
+    `ref_positions` is the accurate minimum (for evaluation only)."""
+    return [self._record(i, m.cheap_minimum, equilibrium=True) for i, m in enumerate(self.molecules)]
+
+  def off_equilibrium_records(self, per_molecule: int, rng: np.random.Generator,
+                              scales: Sequence[float] = (0.02, 0.05, 0.1)) -> list[MoleculeRecord]:
+    """Cheap minima plus isotropic Gaussian kicks (std drawn from `scales`, Å), accurate labels."""
+    out = []
+    for i, mol in enumerate(self.molecules):
+      for _ in range(per_molecule):
+        kick = rng.normal(size=mol.cheap_minimum.shape) * rng.choice(np.asarray(scales))
+        out.append(self._record(i, mol.cheap_minimum + kick, equilibrium=False))
+    return out
+
+  def springs_for(self, mol_indices: Sequence[int], level: str = ACCURATE
+                  ) -> tuple[Springs, np.ndarray]:
+    """Springs of molecules packed into one batch in this order (nodes contiguous, as
+    `consist.data.batching.batch_records` packs them), and the graph index of each spring."""
+    parts, graphs, offset = [], [], 0
+    for g, m in enumerate(mol_indices):
+      mol = self.molecules[m]
+      s = mol.accurate if level == ACCURATE else mol.cheap
+      parts.append(s.replace(i=s.i + offset, j=s.j + offset))
+      graphs.append(np.full(s.i.shape, g, np.int32))
+      offset += mol.n_atoms
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+    return Springs(cat("i"), cat("j"), cat("k"), cat("rest")), np.concatenate(graphs)
+
+
+def make_world(smiles: Sequence[str] = DEFAULT_SMILES, seed: int = 0) -> SyntheticWorld:
+  return SyntheticWorld(tuple(make_molecule(s, seed) for s in smiles))
+
+
+def kabsch_rmsd(a: np.ndarray, b: np.ndarray) -> float:
+  """RMSD (Å) between [n, 3] structures after optimal superposition (rotation + translation)."""
+  a = a - a.mean(axis=0)
+  b = b - b.mean(axis=0)
+  u, s, vt = np.linalg.svd(a.T @ b)
+  d = np.sign(np.linalg.det(u @ vt))
+  rot = u @ np.diag([1.0, 1.0, d]) @ vt
+  return float(np.sqrt(np.mean(np.sum((a @ rot - b) ** 2, axis=-1))))
