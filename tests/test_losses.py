@@ -60,6 +60,24 @@ def test_denoising_loss_zero_for_exact_denoiser(setup):
   assert 1.5 < float(zero) < 4.5  # E|eps|^2 per atom = 3 (n - 1) / n
 
 
+def test_min_snr_weighting_caps_small_t_weight(setup):
+  b, _, _ = setup
+  schedule = diffusion.Schedule()
+  zero = lambda x, t: jnp.zeros_like(x)
+  kw = dict(t_min=1e-3, t_max=0.3)
+  plain, _ = multitask.denoising_loss(zero, b, schedule, jax.random.key(0), **kw)
+  loss = lambda gamma: multitask.denoising_loss(zero, b, schedule, jax.random.key(0),
+                                                weighting="min_snr", snr_gamma=gamma, **kw)
+  # A cap above every SNR in the range leaves the loss unchanged; a low cap down-weights it,
+  # while the reported unweighted error stays the plain one.
+  np.testing.assert_allclose(loss(1e12)[0], plain, rtol=1e-5)
+  capped, metrics = loss(1.0)
+  assert float(capped) < 0.3 * float(plain)  # weight 1 / SNR <= 0.26 for t <= 0.3
+  np.testing.assert_allclose(metrics["denoise_mse"], plain, rtol=1e-6)
+  with pytest.raises(ValueError, match="weighting"):
+    multitask.denoising_loss(zero, b, schedule, jax.random.key(0), weighting="edm", **kw)
+
+
 def test_hvp_equals_finite_differences_of_forces_float64(setup):
   b, model, params = setup
   with jax.enable_x64(True):

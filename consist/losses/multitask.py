@@ -33,13 +33,26 @@ def forces_loss(forces_N3: jax.Array, batch: GraphBatch) -> tuple[jax.Array, dic
   return mse, {"forces_mse": mse, "forces_rmse": jnp.sqrt(mse / 3.0)}
 
 
+WEIGHTINGS = ("eps", "min_snr")
+
+
 def denoising_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch, schedule: diffusion.Schedule,
-                   rng: jax.Array, *, t_min: float, t_max: float = 1.0) -> tuple[jax.Array, dict]:
+                   rng: jax.Array, *, t_min: float, t_max: float = 1.0, weighting: str = "eps",
+                   snr_gamma: float = 5.0) -> tuple[jax.Array, dict]:
   """Denoising score matching on equilibrium structures, t ~ U[t_min, t_max] per graph.
 
-  Per graph, mean over atoms of |eps_pred - eps|^2 (eps-space, dimensionless); mean over graphs
-  with `is_equilibrium`.
+  Per graph, mean over atoms of w(t) |eps_pred - eps|^2 (eps-space, dimensionless); mean over
+  graphs with `is_equilibrium`. Since |eps_pred - eps|^2 = SNR(t) |x0_pred - x0|^2 (SNR =
+  alpha^2 / sigma^2, scaled coordinates), the weighting picks what the loss emphasises:
+    "eps":     w = 1, i.e. x0 errors weighted by SNR, which diverges as t -> 0 (suits the eps
+               parameterisation, whose output scale does not depend on t);
+    "min_snr": w = min(SNR, snr_gamma) / SNR (Hang et al. 2023), i.e. x0 errors weighted by
+               min(SNR, snr_gamma): bounded at small t, so x0-parameterised gradients stay O(1)
+               and do not swamp the energy terms in the shared encoder.
+  "denoise_mse" always reports the unweighted eps-space error.
   """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"denoising weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   t_rng, eps_rng = jax.random.split(rng)
   dtype = batch.positions.dtype
   t_G = jax.random.uniform(t_rng, batch.graph_mask.shape, dtype, t_min, t_max)
@@ -47,5 +60,11 @@ def denoising_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch, schedule: dif
   x_t = diffusion.add_noise(diffusion.to_scaled(batch.positions, batch, schedule), eps, t_G,
                             batch, schedule)
   sq = jnp.sum((eps_fn(x_t, t_G) - eps) ** 2, axis=-1)
-  loss = masked_mean(graph_mean(sq, batch), batch.is_equilibrium & batch.graph_mask)
-  return loss, {"denoise_mse": loss}
+  mask = batch.is_equilibrium & batch.graph_mask
+  mse = masked_mean(graph_mean(sq, batch), mask)
+  if weighting == "eps":
+    return mse, {"denoise_mse": mse}
+  alpha, sigma = schedule.alpha_sigma(t_G)
+  snr = (alpha / sigma) ** 2
+  loss = masked_mean(jnp.minimum(snr, snr_gamma) / snr * graph_mean(sq, batch), mask)
+  return loss, {"denoise_mse": mse, "denoise_weighted": loss}

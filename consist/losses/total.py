@@ -31,6 +31,9 @@ class LossConfig:
     energy_per_atom: energy MSE on (E_pred - E) / n_atoms instead of total energies.
     denoise_t_min, denoise_t_max: denoising times t ~ U[denoise_t_min, denoise_t_max]; a
       t_max < 1 trains only the low-noise range that one-step / refine generation uses.
+    denoise_weighting: "eps" (plain eps-space MSE) or "min_snr" (bounded weight of x0 errors at
+      small t; use it with the "x0" parameterisation), see `multitask.denoising_loss`.
+    denoise_snr_gamma: the SNR cap of "min_snr".
     optimality_weight: weight of optimality consistency (stage 2).
     optimality_form: "stationarity" (|grad E_sg(R_hat)|^2, HVP gradient) or "descent".
     optimality_t_range: (t_lo, t_hi) from which R_hat is denoised.
@@ -48,6 +51,8 @@ class LossConfig:
   energy_per_atom: bool = True
   denoise_t_min: float = 1e-3
   denoise_t_max: float = 1.0
+  denoise_weighting: str = "eps"
+  denoise_snr_gamma: float = 5.0
   optimality_weight: float = 0.0
   optimality_form: str = "stationarity"
   optimality_t_range: tuple[float, float] = (0.02, 0.1)
@@ -64,6 +69,11 @@ class LossConfig:
     if self.optimality_form not in optimality.FORMS:
       raise ValueError(f"LossConfig.optimality_form must be one of {optimality.FORMS}, "
                        f"got {self.optimality_form!r}")
+    if self.denoise_weighting not in multitask.WEIGHTINGS:
+      raise ValueError(f"LossConfig.denoise_weighting must be one of {multitask.WEIGHTINGS}, "
+                       f"got {self.denoise_weighting!r}")
+    if self.denoise_snr_gamma <= 0:
+      raise ValueError(f"LossConfig.denoise_snr_gamma must be > 0, got {self.denoise_snr_gamma}")
     lo, hi = self.optimality_t_range
     if not 0.0 < lo <= hi <= 1.0:
       raise ValueError(f"LossConfig.optimality_t_range must satisfy 0 < lo <= hi <= 1, got "
@@ -123,7 +133,9 @@ def total_loss(model: model_lib.Model, schedule: diffusion.Schedule, config: Los
   if config.denoise_weight > 0:
     term, m = multitask.denoising_loss(diffusion.model_denoiser(model, params, batch, schedule),
                                        batch, schedule, denoise_rng, t_min=config.denoise_t_min,
-                                       t_max=config.denoise_t_max)
+                                       t_max=config.denoise_t_max,
+                                       weighting=config.denoise_weighting,
+                                       snr_gamma=config.denoise_snr_gamma)
     loss, metrics = loss + config.denoise_weight * term, metrics | m
   weights = {"optimality": config.optimality_weight, "score": config.score_weight}
   for name, (term, m) in consistency_terms(model, schedule, config, params, batch,

@@ -25,7 +25,9 @@ class ModelConfig:
     num_fidelities: size of the label-fidelity vocabulary (per-fidelity energy offsets).
     avg_num_neighbors: aggregated messages are divided by sqrt(this).
     prediction: structure-head parameterisation: "eps" (noise) or "x0" (clean scaled
-      coordinates, as x_t + a predicted equivariant displacement).
+      coordinates, as x_t + a predicted equivariant displacement). With "eps", the x0 prediction
+      moves by only sigma(t) per unit of output, so consistency gradients through it vanish as
+      t -> 0; "x0" keeps them O(1) (train it with `LossConfig.denoise_weighting="min_snr"`).
   """
 
   channels: int = 32

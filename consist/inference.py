@@ -1,0 +1,196 @@
+"""A trained model loaded from a run's workdir: energies, forces and 3D structures for records.
+
+Used by `launch.evaluate`, `launch.predict` and `consist.calculator`. Inference runs on one device
+and goes through the run's own shape buckets (stored with every checkpoint), so molecules of a new
+size reuse a compiled bucket instead of recompiling; a molecule larger than every bucket is an error
+naming it. Energies are returned as totals in eV: the model's energy plus the run's fitted float64
+per-element reference (`consist.data.reference`).
+
+Sampling modes (BRIEF section 2):
+  denoise  one-step x0 prediction from the prior at `t_start` (default 1);
+  ddim     `steps` deterministic DDIM steps (eta = 0) from the prior at `t_start`;
+  refine   SDEdit: the record's own positions (e.g. an MMFF structure) noised to `t_star`, then
+           `steps` DDIM steps to 0; `steps=1` is one-step denoising of the given structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from consist import checkpoint, diffusion
+from consist.config import Config
+from consist.data.batching import empty_batch
+from consist.data.budgets import Buckets
+from consist.data.pipeline import InputPipeline
+from consist.data.record import MoleculeRecord
+from consist.data.reference import EnergyReference
+from consist.models import model as model_lib
+from consist.state import create_state, make_optimizer
+from consist.types import GraphBatch
+
+MODES = ("denoise", "ddim", "refine")
+# progress(records done, records total), called after every batch.
+Progress = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How structures are generated (see the module docstring).
+
+  Attributes:
+    mode: "denoise" | "ddim" | "refine".
+    samples: K structures per molecule, drawn in one batched call.
+    steps: DDIM steps (ddim, refine).
+    t_start: start time of denoise / ddim from the prior.
+    t_star: noise level the input structure is taken to in refine mode.
+    eta: DDIM stochasticity (0 = deterministic).
+    seed: sampling seed; batch b uses fold_in(key(seed), b).
+  """
+
+  mode: str = "refine"
+  samples: int = 1
+  steps: int = 10
+  t_start: float = 1.0
+  t_star: float = 0.1
+  eta: float = 0.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
+    if self.samples < 1 or self.steps < 1:
+      raise ValueError(f"samples and steps must be >= 1, got {self.samples}, {self.steps}")
+    if not 0.0 < self.t_star <= 1.0 or not 0.0 < self.t_start <= 1.0:
+      raise ValueError(f"t_star and t_start must lie in (0, 1], got {self.t_star}, {self.t_start}")
+
+
+def model_for(cfg: Config, fidelities: Sequence[str]) -> model_lib.Model:
+  """The model of a run: `cfg.model` with one energy offset per fidelity of its dataset."""
+  return model_lib.Model(dataclasses.replace(cfg.model, num_fidelities=max(len(fidelities), 1)))
+
+
+def graph_slices(graphs: GraphBatch) -> list[slice]:
+  """Node slice of each real graph of one (unstacked) batch; real graphs' nodes are contiguous."""
+  n_node = np.asarray(graphs.n_node)
+  real = np.asarray(graphs.graph_mask)
+  offsets = np.concatenate([[0], np.cumsum(n_node)])
+  return [slice(int(offsets[g]), int(offsets[g + 1])) for g in range(len(n_node)) if real[g]]
+
+
+class TrainedModel:
+  """Params, model, diffusion schedule and data layout of one checkpoint of a run."""
+
+  def __init__(self, *, config: Config, params, fidelities: Sequence[str], buckets: Buckets,
+               reference: EnergyReference, workdir: Path, step: int):
+    self.config = config
+    self.params = params
+    self.fidelities = list(fidelities)
+    self.buckets = buckets
+    self.reference = reference
+    self.workdir = workdir
+    self.step = step
+    self.model = model_for(config, fidelities)
+    self.schedule = config.diffusion
+    self._energy_forces = jax.jit(functools.partial(model_lib.energy_and_forces, self.model))
+    self._sample = jax.jit(self._sample_graphs, static_argnames=("sampling",))
+
+  @classmethod
+  def load(cls, workdir: str | Path, step: int | None = None) -> "TrainedModel":
+    """Loads the latest (or `step`'s) checkpoint of a `launch.train` workdir.
+
+    Raises:
+      FileNotFoundError: no checkpoint there (the message names the directory).
+      checkpoint.CheckpointMismatchError: the checkpoint does not fit the model its config describes.
+    """
+    workdir = Path(workdir)
+    with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+      step = ckpt.latest_step() if step is None else step
+      if step is None:
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint in this workdir")
+      meta = ckpt.meta(step)
+      try:
+        cfg = Config.from_config_dict(meta["config"])
+      except ValueError as e:
+        raise checkpoint.CheckpointMismatchError(
+            f"{ckpt.directory / str(step)}: the stored run config does not fit this version of consist: {e}") from e
+      fidelities = meta["fidelities"]
+      buckets = Buckets.from_json(meta["buckets"])
+      model = model_for(cfg, fidelities)
+      tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+      example = empty_batch(buckets.budgets[0])
+      create = lambda: create_state(lambda rng, b: model_lib.init_params(model, rng, b), tx, cfg.seed, example)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                              jax.eval_shape(create))
+      params, _ = ckpt.restore_params(step, abstract, with_opt=False)
+    return cls(config=cfg, params=params, fidelities=fidelities, buckets=buckets,
+               reference=EnergyReference.from_json(meta["energy_reference"]), workdir=workdir, step=step)
+
+  # --- batching ---
+  def _batches(self, records: Sequence[MoleculeRecord]):
+    """(one-device GraphBatch as jax arrays, record indices of its real graphs) over `records`, in order."""
+    pipe = InputPipeline(list(records), self.buckets, fidelities=self.fidelities, energy_reference=None,
+                         cutoff=self.config.data.cutoff, process_index=0, process_count=1,
+                         local_device_count=1)
+    for host_batch in pipe.eval_iterator():
+      graphs = jax.tree.map(lambda x: jnp.asarray(x[0]), host_batch.graphs)
+      yield graphs, [int(i) for i in host_batch.record_index[0] if i >= 0]
+
+  def _reference_energy(self, record: MoleculeRecord) -> float:
+    fid = self.fidelities.index(record.label_fidelity) if record.label_fidelity in self.fidelities else 0
+    return float(self.reference.energy(record.atomic_numbers, fid))
+
+  # --- energies and forces ---
+  def energy_and_forces(self, records: Sequence[MoleculeRecord],
+                        progress: Progress | None = None) -> list[tuple[float, np.ndarray]]:
+    """(total energy eV, forces [n, 3] eV/Å) of each record at its own positions, in input order.
+
+    The energy is reported at the record's `label_fidelity` (its per-fidelity offset and reference),
+    or at the run's first fidelity for unlabelled records.
+    """
+    out: list[tuple[float, np.ndarray] | None] = [None] * len(records)
+    done = 0
+    for graphs, indices in self._batches(records):
+      energy, forces = jax.device_get(self._energy_forces(self.params, graphs))
+      for g, (i, nodes) in enumerate(zip(indices, graph_slices(graphs))):
+        out[i] = (float(energy[g]) + self._reference_energy(records[i]), np.asarray(forces[nodes], np.float64))
+      done += len(indices)
+      if progress is not None:
+        progress(done, len(records))
+    return out
+
+  # --- structures ---
+  def _sample_graphs(self, params, graphs: GraphBatch, key: jax.Array, sampling: Sampling) -> jax.Array:
+    eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule)
+    if sampling.mode == "denoise":
+      sampler = lambda k: diffusion.sample_one_step(eps_fn, graphs, self.schedule, k, t_start=sampling.t_start)
+    elif sampling.mode == "ddim":
+      sampler = lambda k: diffusion.sample_ddim(eps_fn, graphs, self.schedule, k, num_steps=sampling.steps,
+                                                t_start=sampling.t_start, eta=sampling.eta)
+    else:
+      sampler = lambda k: diffusion.refine(eps_fn, graphs, self.schedule, k, graphs.positions,
+                                           t_star=sampling.t_star, num_steps=sampling.steps, eta=sampling.eta)
+    return diffusion.sample_k(sampler, key, sampling.samples)
+
+  def sample(self, records: Sequence[MoleculeRecord], sampling: Sampling,
+             progress: Progress | None = None) -> list[np.ndarray]:
+    """K structures [K, n, 3] (Å) per record, in input order. Refine starts from `record.positions`."""
+    out: list[np.ndarray | None] = [None] * len(records)
+    key = jax.random.key(sampling.seed)
+    done = 0
+    for b, (graphs, indices) in enumerate(self._batches(records)):
+      positions = np.asarray(jax.device_get(self._sample(self.params, graphs, jax.random.fold_in(key, b),
+                                                         sampling)), np.float64)
+      for i, nodes in zip(indices, graph_slices(graphs)):
+        out[i] = positions[:, nodes]
+      done += len(indices)
+      if progress is not None:
+        progress(done, len(records))
+    return out

@@ -1,0 +1,168 @@
+"""train_and_evaluate end to end on a small synthetic dataset; bad input fails before any step."""
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import train_toy
+from consist import checkpoint
+from consist.config import Config, ConfigError
+from consist.data.bundled import SMOKE_DATASET
+from consist.train import DatasetLabelError, NonFiniteError, train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return train_toy.write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+def smoke(dataset, arg=None, **train):
+  c = load_config("smoke", arg)
+  c.data.path = dataset
+  c.train.update(train)
+  return c
+
+
+def _lines(workdir):
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6"])
+def test_configs_build(name):
+  for arg in (None, "stage2", "baseline"):
+    cfg = Config.from_config_dict(load_config(name, arg))
+    assert cfg.train.stage == (1 if arg is None else 2)
+    if arg == "baseline":
+      assert cfg.loss.optimality_weight == 0 and cfg.loss.score_weight == 0
+    if arg == "stage2":
+      assert cfg.loss.optimality_weight > 0 or cfg.loss.score_weight > 0
+
+
+def test_unknown_or_bad_config_key_is_named():
+  c = load_config("smoke")
+  with pytest.raises(ConfigError, match=r"unknown config key 'optim\.learnig_rate'"):
+    Config.from_config_dict({**c.to_dict(), "optim": {"learnig_rate": 1e-3}})
+  with pytest.raises(ConfigError, match=r"unknown config key 'model\.chanels'"):
+    Config.from_config_dict({**c.to_dict(), "model": {"chanels": 8}})
+  with pytest.raises(ConfigError, match=r"train\.on_nonfinite: must be 'stop' or 'skip'"):
+    Config.from_config_dict({**c.to_dict(), "train": {"on_nonfinite": "ignore"}})
+  with pytest.raises(ConfigError, match=r"train\.init_from: only a stage-2 run"):
+    Config.from_config_dict({**c.to_dict(), "train": {"init_from": "/x"}})
+  with pytest.raises(ConfigError, match=r"data\.graphs_per_device: expected an integer"):
+    Config.from_config_dict({**c.to_dict(), "data": {"path": "x", "graphs_per_device": 2.5}})
+
+
+def test_missing_label_fails_before_any_step(tmp_path):
+  data = train_toy.write_synthetic_dataset(tmp_path / "no_forces", per_molecule=1, forces=False)
+  with pytest.raises(DatasetLabelError, match=r"split 'train' has no 'forces' labels.*loss\.forces_weight"):
+    train_and_evaluate(smoke(data), tmp_path / "run")
+  assert not _lines(tmp_path / "run")
+
+
+def test_budget_below_largest_molecule_names_it(dataset, tmp_path):
+  c = smoke(dataset)
+  c.data.max_nodes = 8  # ethanol (CCO) has 9 atoms
+  with pytest.raises(ValueError, match=r"molecule \d+, mol_id='synthetic-\d+' with \d+ atoms.*does not fit"):
+    train_and_evaluate(c, tmp_path / "run")
+  assert not _lines(tmp_path / "run")
+
+
+def test_missing_split_is_named(dataset, tmp_path):
+  c = smoke(dataset)
+  c.data.val_split = "valid"
+  with pytest.raises(ConfigError, match=r"no split 'valid'"):
+    train_and_evaluate(c, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def smoke_data(dataset):
+  """The smoke dataset (data/smoke) once it is built, else the synthetic one."""
+  return str(SMOKE_DATASET) if (SMOKE_DATASET / "dataset.json").exists() else dataset
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_data, tmp_path_factory):
+  """The smoke config trained once (20 steps): (workdir, summary, wall seconds)."""
+  workdir = tmp_path_factory.mktemp("smoke") / "run"
+  t0 = time.perf_counter()
+  out = train_and_evaluate(smoke(smoke_data), workdir)
+  return workdir, out, time.perf_counter() - t0
+
+
+def test_smoke_config_trains_under_a_minute(smoke_run):
+  workdir, out, wall = smoke_run
+  assert wall < 60, f"smoke run took {wall:.0f} s"
+  assert out["step"] == 20 and not out["preempted"] and out["compiles"] == out["buckets"] == 1
+  train = [l for l in _lines(workdir) if l["split"] == "train"]
+  val = [l for l in _lines(workdir) if l["split"] == "val"]
+  assert [l["step"] for l in train] == [5, 10, 15, 20] and [l["step"] for l in val] == [10, 20]
+  for key in ("energy_mse", "forces_mse", "denoise_mse", "grad_norm", "lr"):
+    assert key in train[-1] and math.isfinite(train[-1][key])
+  assert "optimality_stationarity" not in train[-1]  # stage 1: consistency off
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
+
+
+@pytest.mark.slow
+def test_resume_and_reject_other_model(smoke_data, smoke_run, tmp_path):
+  """Rerun with more steps resumes at 20; a different model in the same workdir is rejected before
+  any step, naming the checkpoint path and the parameter."""
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_run[0], workdir)
+  out = train_and_evaluate(smoke(smoke_data, steps=24, log_every=2), workdir)
+  assert out["step"] == 24
+  assert [l["step"] for l in _lines(workdir) if l["split"] == "train"][-3:] == [20, 22, 24]
+
+  other = smoke(smoke_data, steps=30)
+  other.model.channels = 12
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=rf"{workdir / 'checkpoints' / '24'}: incompatible checkpoint: parameter "
+                           rf"'encoder/.*' has shape"):
+    train_and_evaluate(other, workdir)
+  assert max(l["step"] for l in _lines(workdir)) == 24
+
+
+@pytest.mark.slow
+def test_stage2_from_stage1_and_baseline(dataset, tmp_path):
+  """Stage 2 starts from the stage-1 params and adds the consistency terms; the baseline does not."""
+  train_and_evaluate(smoke(dataset, steps=4, eval_every=0), tmp_path / "s1")
+  for arg, consistency in (("stage2", True), ("baseline", False)):
+    c = smoke(dataset, arg, steps=2, log_every=1, eval_every=0, init_from=str(tmp_path / "s1"))
+    train_and_evaluate(c, tmp_path / arg)
+    first = _lines(tmp_path / arg)[0]
+    assert ("optimality_stationarity" in first) == consistency and ("score_consistency" in first) == consistency
+    with checkpoint.Checkpointer(tmp_path / arg, read_only=True) as ckpt:
+      meta = ckpt.meta(ckpt.latest_step())
+    assert meta["init_from"] == {"workdir": str((tmp_path / "s1").resolve()), "step": 4, "mode": "params"}
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_naming_step_and_term_or_is_skipped(tmp_path):
+  """A 1e25 eV label overflows the float32 energy MSE in the steps whose batch holds it."""
+  data = train_toy.write_synthetic_dataset(tmp_path / "outlier", energy_outlier=20)
+  c = smoke(data, steps=12, log_every=1, eval_every=0, ckpt_every=100)
+  c.data.reference_records = 10  # records 0, 4, 9, 13, 18, 22, ... : the outlier stays an outlier
+  with pytest.raises(NonFiniteError, match=r"step \d+: non-finite 'energy_mse'"):
+    train_and_evaluate(c, tmp_path / "stop")
+  c.train.on_nonfinite = "skip"
+  out = train_and_evaluate(c, tmp_path / "skip")
+  assert 1 <= out["nonfinite_steps"] < 12 and out["step"] == 12
+  finite = [math.isfinite(l["loss"]) for l in _lines(tmp_path / "skip")]
+  assert sum(not f for f in finite) == out["nonfinite_steps"]
+  first_bad = finite.index(False)
+  assert any(finite[first_bad:]), "steps after a skipped one must train on (params stayed finite)"
