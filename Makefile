@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 
 # Main job: short two-stage training on the bundled dataset and baseline-vs-consistency evaluation.
 demo: install
-	$(PY) -m launch.demo
+	$(PY) -m launch.reproduce --config configs/demo.py --workdir runs/demo
 
 # Unit + slow tests (the slow ones are multi-process / subprocess-kill / end-to-end; CI runs them).
 test: install

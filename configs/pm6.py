@@ -30,10 +30,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(path="/mnt/shared/pubchemqc", train_split="train", val_split="val", graphs_per_device=64,
                 num_buckets=4, cutoff=5.0, max_nodes=0, reference_records=200_000, seed=0)
   c.model = dict(channels=256, vector_channels=128, max_l=2, num_layers=5, num_radial=16, cutoff=5.0,
-                 radial_hidden=128, time_frequencies=16, avg_num_neighbors=20.0, prediction="eps")
+                 radial_hidden=128, time_frequencies=16, avg_num_neighbors=20.0, prediction="x0")
   c.diffusion = dict(kind="cosine", position_scale=1.0)
   # PubChemQC has no forces: the force term is off; consistency links the energy to the structures.
+  # x0 prediction with min-SNR weights: consistency gradients reach the structure head at small t
+  # (with eps, d x0 / d theta carries sigma(t) -> 0; docs/DEVLOG.md).
   c.loss = dict(energy_weight=1.0, forces_weight=0.0, denoise_weight=1.0, energy_per_atom=True,
+                denoise_weighting="min_snr", denoise_snr_gamma=5.0,
                 optimality_weight=0.1, optimality_form="stationarity", score_weight=0.1, kT=0.025,
                 consistency_params="structure_head")
   c.optim = dict(learning_rate=5e-4, warmup_steps=5000, end_lr_factor=0.01, weight_decay=0.0, clip_norm=10.0)

@@ -71,11 +71,6 @@ class Sampling:
       raise ValueError(f"t_star and t_start must lie in (0, 1], got {self.t_star}, {self.t_start}")
 
 
-def model_for(cfg: Config, fidelities: Sequence[str]) -> model_lib.Model:
-  """The model of a run: `cfg.model` with one energy offset per fidelity of its dataset."""
-  return model_lib.Model(dataclasses.replace(cfg.model, num_fidelities=max(len(fidelities), 1)))
-
-
 def graph_slices(graphs: GraphBatch) -> list[slice]:
   """Node slice of each real graph of one (unstacked) batch; real graphs' nodes are contiguous."""
   n_node = np.asarray(graphs.n_node)
@@ -96,7 +91,7 @@ class TrainedModel:
     self.reference = reference
     self.workdir = workdir
     self.step = step
-    self.model = model_for(config, fidelities)
+    self.model = model_lib.model_for_dataset(config.model, fidelities)
     self.schedule = config.diffusion
     self._energy_forces = jax.jit(functools.partial(model_lib.energy_and_forces, self.model))
     self._sample = jax.jit(self._sample_graphs, static_argnames=("sampling",))
@@ -122,7 +117,7 @@ class TrainedModel:
             f"{ckpt.directory / str(step)}: the stored run config does not fit this version of consist: {e}") from e
       fidelities = meta["fidelities"]
       buckets = Buckets.from_json(meta["buckets"])
-      model = model_for(cfg, fidelities)
+      model = model_lib.model_for_dataset(cfg.model, fidelities)
       tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
       example = empty_batch(buckets.budgets[0])
       create = lambda: create_state(lambda rng, b: model_lib.init_params(model, rng, b), tx, cfg.seed, example)

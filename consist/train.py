@@ -108,6 +108,19 @@ def fit_reference(store: Store, fidelities: list[str], n_records: int) -> Energy
   return reference
 
 
+def init_reference(workdir: str, fidelities: list[str]) -> EnergyReference:
+  """The energy reference of the run a stage-2 run starts from (refitting would shift its targets)."""
+  with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to initialise from")
+    meta = ckpt.meta(step)
+  if list(meta["fidelities"]) != list(fidelities):
+    raise ConfigError(f"train.init_from: {workdir} was trained on fidelities {meta['fidelities']}, "
+                      f"this dataset has {fidelities}")
+  return EnergyReference.from_json(meta["energy_reference"])
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What the generic train loop trains: pure functions over params (see `consist.parallel`)."""
@@ -119,7 +132,7 @@ class Task:
 
 def make_task(cfg: Config, fidelities: list[str]) -> Task:
   """The consist model and this stage's weighted loss."""
-  model = model_lib.Model(dataclasses.replace(cfg.model, num_fidelities=max(len(fidelities), 1)))
+  model = model_lib.model_for_dataset(cfg.model, fidelities)
   loss_cfg = stage_loss_config(cfg)
   schedule = cfg.diffusion
   loss_fn = lambda params, batch, rng: total_loss(model, schedule, loss_cfg, params, batch, rng)
@@ -175,7 +188,10 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
     reference = EnergyReference.from_json(stored_meta["energy_reference"])
   else:
     buckets = make_run_buckets(cfg, stores, edges)
-    reference = fit_reference(train_store, fidelities, cfg.data.reference_records)
+    if cfg.train.init_from:  # the energy head learned residuals to the initialising run's reference
+      reference = init_reference(cfg.train.init_from, fidelities)
+    else:
+      reference = fit_reference(train_store, fidelities, cfg.data.reference_records)
   pipe_kw = dict(fidelities=fidelities, energy_reference=reference, cutoff=cfg.data.cutoff, seed=cfg.data.seed)
   train_pipe = InputPipeline(train_store, buckets, n_edges=edges[0], **pipe_kw)  # checks molecule sizes
   val_pipe = InputPipeline(val_store, buckets, n_edges=edges[1], **pipe_kw) if val_store is not None else None

@@ -46,6 +46,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   from consist.inference import Sampling  # pylint: disable=g-import-not-at-top  (imports jax)
+  from consist.data.bundled import PRETRAINED_MODEL  # pylint: disable=g-import-not-at-top
   from consist.predict import molecules, run, writers  # pylint: disable=g-import-not-at-top
 
   try:
@@ -67,7 +68,7 @@ def main(argv):
   try:
     model = run.load_model(_CHECKPOINT.value)
   except run.CheckpointError as e:
-    _fail("checkpoint", _CHECKPOINT.value or run.PRETRAINED_MODEL, str(e))
+    _fail("checkpoint", _CHECKPOINT.value or PRETRAINED_MODEL, str(e))
   report = run.predict_to_file(model, inputs, _OUT.value, sampling, relax=_RELAX.value, fmax=_FMAX.value,
                                relax_steps=_RELAX_STEPS.value)
   print(report.summary(), flush=True)

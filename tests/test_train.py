@@ -141,14 +141,18 @@ def test_resume_and_reject_other_model(smoke_data, smoke_run, tmp_path):
 def test_stage2_from_stage1_and_baseline(dataset, tmp_path):
   """Stage 2 starts from the stage-1 params and adds the consistency terms; the baseline does not."""
   train_and_evaluate(smoke(dataset, steps=4, eval_every=0), tmp_path / "s1")
+  with checkpoint.Checkpointer(tmp_path / "s1", read_only=True) as ckpt:
+    stage1_meta = ckpt.meta(ckpt.latest_step())
   for arg, consistency in (("stage2", True), ("baseline", False)):
     c = smoke(dataset, arg, steps=2, log_every=1, eval_every=0, init_from=str(tmp_path / "s1"))
+    c.data.reference_records = 3  # a refit on 3 records would differ: the stage-1 reference must be kept
     train_and_evaluate(c, tmp_path / arg)
     first = _lines(tmp_path / arg)[0]
     assert ("optimality_stationarity" in first) == consistency and ("score_consistency" in first) == consistency
     with checkpoint.Checkpointer(tmp_path / arg, read_only=True) as ckpt:
       meta = ckpt.meta(ckpt.latest_step())
     assert meta["init_from"] == {"workdir": str((tmp_path / "s1").resolve()), "step": 4, "mode": "params"}
+    assert meta["energy_reference"] == stage1_meta["energy_reference"]
 
 
 @pytest.mark.slow

@@ -7,3 +7,5 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATASET = REPO_ROOT / "data" / "bundled"
 # A tiny subset of the bundled dataset for tests and the `smoke` config.
 SMOKE_DATASET = REPO_ROOT / "data" / "smoke"
+# The pretrained model trained by `launch.train` on the bundled dataset (default of launch.predict).
+PRETRAINED_MODEL = REPO_ROOT / "models" / "pretrained"

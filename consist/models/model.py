@@ -7,6 +7,9 @@ the "energy" task; structure queries at the diffusion time with the "structure" 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +42,11 @@ class Model(nn.Module):
 
   def __call__(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array):
     return self.energy(batch, positions_N3), self.structure(batch, positions_N3, t_G)
+
+
+def model_for_dataset(config: ModelConfig, fidelities: Sequence[str]) -> Model:
+  """`config`'s model with one energy offset per fidelity of the dataset (at least one)."""
+  return Model(dataclasses.replace(config, num_fidelities=max(len(fidelities), 1)))
 
 
 def init_params(model: Model, rng: jax.Array, batch: GraphBatch) -> dict:

@@ -24,14 +24,12 @@ import numpy as np
 
 from consist import checkpoint
 from consist.calculator import ConsistCalculator
-from consist.data.bundled import REPO_ROOT
+from consist.data.bundled import PRETRAINED_MODEL
 from consist.inference import Sampling, TrainedModel
 from consist.predict import molecules, writers
 from consist.predict.molecules import Molecule, MoleculeError
 from consist.predict.writers import Structure
 
-# The pretrained model that ships with the repository (trained by `launch.train` on data/bundled).
-PRETRAINED_MODEL = REPO_ROOT / "models" / "pretrained"
 REASON_NONFINITE = "non-finite prediction"
 # Atoms closer than this (Å) in a predicted structure are flagged in the summary (the shortest bond,
 # H2, is 0.74 Å): a sign of an undertrained structure model, not a chemical structure.

@@ -1,0 +1,50 @@
+"""The reproduction experiment: stage 1, four stage-2 arms per seed, evaluation, report.
+
+  python -m launch.reproduce --config configs/reproduce_quickstart.py --workdir runs/repro_qs [--seeds 3]
+
+Re-running the command resumes: finished runs and evaluations are skipped (`consist.reproduce`).
+Writes <workdir>/results/{results.md, summary.json, results.json, *.png}.
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Reproduction config (configs/reproduce_*.py).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (runs, evaluations, results).")
+_SEEDS = flags.DEFINE_integer("seeds", None, "Number of seeds (overrides reproduce.seeds).")
+_CACHE = flags.DEFINE_bool("compilation_cache", True,
+                           "Persistent JAX compilation cache in <workdir>/jax_cache (runs of other seeds "
+                           "reuse the compiled steps).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import jax  # after flag parsing
+
+  config = _CONFIG.value
+  if _SEEDS.value is not None:
+    config.reproduce.seeds = _SEEDS.value
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", str(Path(_WORKDIR.value) / "jax_cache"))
+  from consist.reproduce import Reproduction, ReproduceError
+
+  command = "python -m launch.reproduce " + " ".join(sys.argv[1:])
+  try:
+    written = Reproduction(config, _WORKDIR.value).run(meta={"command": command})
+  except ReproduceError as e:
+    sys.exit(f"launch.reproduce: {e}")
+  table = Path(_WORKDIR.value) / "results" / "results.md"
+  print(table.read_text())
+  print("wrote " + ", ".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,102 @@
+"""consist.reproduce: the arms' run configs, the no-force-data dataset, and the experiment end to end."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from consist.config import Config
+from consist.data.bundled import SMOKE_DATASET
+from consist.data.store import open_dataset
+from consist.reproduce import (ARMS, REPORT_METRICS, Reproduction, ReproduceConfig, ReproduceError,
+                               load_config, run_config, write_no_force_data)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_reproduction_configs_build():
+  for name in ("reproduce_smoke", "reproduce_quickstart"):
+    c = load_config(REPO / "configs" / f"{name}.py")
+    rc = ReproduceConfig.from_dict(c.reproduce.to_dict())
+    assert set(rc.arms) == set(ARMS) and not rc.stage1_force_data
+    assert Config.from_config_dict(c.stage1).train.stage == 1
+    s2 = Config.from_config_dict(c.stage2)
+    assert s2.train.stage == 2 and s2.loss.optimality_weight > 0 and s2.loss.score_weight > 0
+  with pytest.raises(ReproduceError, match=r"unknown config key\(s\) \['reproduce.sedes'\]"):
+    ReproduceConfig.from_dict({"sedes": 2})
+  with pytest.raises(ReproduceError, match=r"reproduce.arms: unknown \['consistency\+force'\]"):
+    ReproduceConfig.from_dict({"arms": ["consistency+force"]})
+
+
+def test_arm_configs_differ_only_in_consistency_and_force_data():
+  base = load_config(REPO / "configs" / "smoke.py", "stage2")
+  configs = {arm: run_config(base, seed=1, force_data=force, consistency=cons, data_path=f"data-{force}",
+                             force_weight=7.0, init_from="stage1")
+             for arm, (cons, force) in ARMS.items()}
+  for arm, (cons, force) in ARMS.items():
+    c = configs[arm]
+    assert c["seed"] == base.seed + 1 and c["data"]["seed"] == base.data.seed + 1
+    assert c["train"]["init_from"] == "stage1" and c["train"]["steps"] == base.train.steps
+    assert c["loss"]["forces_weight"] == (7.0 if force else 0.0) and c["data"]["path"] == f"data-{force}"
+    assert c["loss"]["optimality_weight"] == (base.loss.optimality_weight if cons else 0.0)
+    assert c["loss"]["score_weight"] == (base.loss.score_weight if cons else 0.0)
+    strip = lambda d: {**d, "loss": {k: v for k, v in d["loss"].items()
+                                     if k not in ("forces_weight", "optimality_weight", "score_weight")},
+                       "data": {k: v for k, v in d["data"].items() if k != "path"}}
+    assert strip(c) == strip(configs["multitask"])
+
+
+def test_no_force_data_keeps_only_equilibrium_records_without_forces(tmp_path):
+  dest = write_no_force_data(SMOKE_DATASET, tmp_path / "nf", ["train", "val"])
+  source, derived = open_dataset(SMOKE_DATASET), open_dataset(dest)
+  assert sorted(derived.splits) == ["train", "val"]
+  for split in ("train", "val"):
+    src = [source[split][i] for i in range(len(source[split]))]
+    out = [derived[split][i] for i in range(len(derived[split]))]
+    eq = [r for r in src if r.is_equilibrium]
+    assert len(out) == len(eq) < len(src) if split == "train" else len(out) == len(eq)
+    assert all(r.is_equilibrium and r.forces is None and r.energy is not None for r in out)
+    assert [r.energy for r in out] == [r.energy for r in eq]
+  assert write_no_force_data(SMOKE_DATASET, dest, ["train"]) == dest  # reused, not rewritten
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_two_seeds_then_resume(tmp_path):
+  c = load_config(REPO / "configs" / "reproduce_smoke.py")
+  c.stage1.train.update(steps=3, ckpt_every=3, eval_every=0)
+  c.stage2.train.update(steps=2, ckpt_every=2, eval_every=0)
+  # Two arms cover consistency on/off and force data on/off; MMFF94 as the "accurate" level keeps
+  # the scoring of the untrained model's exploded denoise structures fast (xTB takes seconds each).
+  c.reproduce.update(seeds=2, arms=("multitask", "consistency+forces"), modes=("denoise", "refine"),
+                     samples=1, steps=2, level="mmff94", max_molecules=3)
+  cache = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+  try:
+    first = Reproduction(c, tmp_path / "w", show_progress=False)
+    written = first.run(meta={"command": "test"})
+    second = Reproduction(c, tmp_path / "w", show_progress=False)
+    rewritten = second.run()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", cache)
+  results = tmp_path / "w" / "results"
+  assert {p.name for p in written} == {"results.md", "summary.json", "results.json", "rmsd_ecdf.png",
+                                       "energy_gap.png", "ephi_gap.png"}
+  assert all(p.stat().st_size > 0 for p in written) and sorted(rewritten) == sorted(written)
+  trained = [t["what"] for t in first.timings if "/" in t["what"] and not t["what"].startswith("evaluate")]
+  assert trained == ["seed0/stage1", "seed0/multitask", "seed0/consistency+forces",
+                     "seed1/stage1", "seed1/multitask", "seed1/consistency+forces"]
+  assert len([t for t in first.timings if t["what"].startswith("evaluate")]) == 2 * 2 * 2
+  assert second.timings == []  # nothing trained or evaluated again
+  md = (results / "results.md").read_text()
+  for text in ("## Mode `denoise`", "## Mode `refine`", "| multitask | 2 |", "| consistency+forces | 2 |",
+               "| cheap (baseline) | 1 |", "| etkdg (baseline) | 1 |", "### `rmsd_sym_mean` (refine)",
+               "energy-head force RMSE at the cheap structures"):
+    assert text in md, text
+  from consist.eval.report import Results  # pylint: disable=import-outside-toplevel
+  res = Results.load(results / "results.json")
+  assert sorted(res.arms) == ["consistency+forces", "multitask"] and sorted(res.arms["multitask"]) == ["0", "1"]
+  assert set(REPORT_METRICS) <= set(res.arms["multitask"]["0"]["refine"])
+  # A finished arm whose stage-1 run moved on is refused rather than silently mixed.
+  c.stage1.train.steps = 4
+  with pytest.raises(ReproduceError, match=r"initialised from stage-1 step 3, but .* is at step 4"):
+    Reproduction(c, tmp_path / "w", show_progress=False).run()
