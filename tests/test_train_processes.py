@@ -67,7 +67,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(dataset, tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 240
-    while max([d["step"] for d in _train_lines(tmp_path / "run")] or [0]) < kill_at:
+    # Checkpoints are saved asynchronously: kill only once one is finalised (a digit-named step
+    # directory), so that the run really resumes from a checkpoint, at a random later step.
+    while (max([d["step"] for d in _train_lines(tmp_path / "run")] or [0]) < kill_at
+           or not _finalised_steps(tmp_path / "run")):
       assert proc.poll() is None, "the run ended before it could be killed"
       assert time.time() < deadline, "no progress"
       time.sleep(0.05)
@@ -82,6 +85,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(dataset, tmp_path):
   assert [d["step"] for d in after] == list(range(resumed_from + 1, 15))
   # Same data order, same RNG: bit-identical losses from the checkpoint on.
   assert [d["loss"] for d in after] == [reference[d["step"]] for d in after], (kill_at, resumed_from)
+
+
+def _finalised_steps(workdir: Path) -> list[int]:
+  directory = workdir / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 def test_sigterm_checkpoints_current_step(dataset, tmp_path):
@@ -101,8 +109,7 @@ def test_sigterm_checkpoints_current_step(dataset, tmp_path):
   assert proc.returncode == 0, stderr[-3000:]
   summary = _summary(stdout)
   assert summary["preempted"] and 3 <= summary["step"] < 500
-  steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps == [summary["step"]]
+  assert _finalised_steps(tmp_path / "run") == [summary["step"]]
   assert "preempted (SIGTERM): saved the checkpoint of step" in stderr
 
 
