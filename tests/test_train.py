@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -97,16 +96,14 @@ def smoke_data(dataset):
 
 @pytest.fixture(scope="module")
 def smoke_run(smoke_data, tmp_path_factory):
-  """The smoke config trained once (20 steps): (workdir, summary, wall seconds)."""
+  """The smoke config trained once (20 steps): (workdir, summary). Its wall time is a benchmark
+  figure (`summary["wall_s"]`, `launch.bench --only train`), not asserted in a shared-machine test."""
   workdir = tmp_path_factory.mktemp("smoke") / "run"
-  t0 = time.perf_counter()
-  out = train_and_evaluate(smoke(smoke_data), workdir)
-  return workdir, out, time.perf_counter() - t0
+  return workdir, train_and_evaluate(smoke(smoke_data), workdir)
 
 
-def test_smoke_config_trains_under_a_minute(smoke_run):
-  workdir, out, wall = smoke_run
-  assert wall < 60, f"smoke run took {wall:.0f} s"
+def test_smoke_config_trains(smoke_run):
+  workdir, out = smoke_run
   assert out["step"] == 20 and not out["preempted"] and out["compiles"] == out["buckets"] == 1
   train = [l for l in _lines(workdir) if l["split"] == "train"]
   val = [l for l in _lines(workdir) if l["split"] == "val"]
