@@ -175,7 +175,22 @@ def _float32_finite(arr, name: str, fail) -> np.ndarray:
   return out
 
 
-class StoreWriter:
+class _FinalisedOnExit:
+  """Context manager of a writer: close() (finalise) on normal exit, abort() on an exception."""
+
+  _open: bool
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      self.abort()
+    elif self._open:
+      self.close()
+
+
+class StoreWriter(_FinalisedOnExit):
   """Writes one split as a stream of records; see the module docstring for the guarantees.
 
   Use as a context manager (close on normal exit, abort on exception) or call close()/abort().
@@ -208,15 +223,6 @@ class StoreWriter:
   def closed(self) -> bool:
     """True after close() or abort()."""
     return not self._open
-
-  def __enter__(self) -> "StoreWriter":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is not None:
-      self.abort()
-    elif self._open:
-      self.close()
 
   def _encode(self, record: MoleculeRecord, where: str) -> dict[str, Any]:
     """Validates and converts a record to stored dtypes without touching the writer's state."""
@@ -342,7 +348,7 @@ class StoreWriter:
     shutil.rmtree(self._partial, ignore_errors=True)
 
 
-class DatasetWriter:
+class DatasetWriter(_FinalisedOnExit):
   """Writes a dataset: `dataset.json` plus one StoreWriter sub-directory per split."""
 
   def __init__(self, path, *, overwrite: bool = False, attrs: dict | None = None):
@@ -354,15 +360,6 @@ class DatasetWriter:
     self._splits: dict[str, StoreWriter] = {}
     self._split_kwargs: dict[str, dict[str, Any]] = {}
     self._open = True
-
-  def __enter__(self) -> "DatasetWriter":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is not None:
-      self.abort()
-    elif self._open:
-      self.close()
 
   def split(self, name: str, **store_kwargs) -> StoreWriter:
     """The writer of split `name` (created on first use; store_kwargs apply then)."""
