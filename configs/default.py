@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # x0 prediction with min-SNR weights: consistency gradients reach the structure head at small t
   # (with eps, d x0 / d theta carries sigma(t) -> 0; docs/DEVLOG.md).
   c.loss = dict(energy_weight=1.0, forces_weight=10.0, denoise_weight=1.0, energy_per_atom=True,
-                denoise_weighting="min_snr", denoise_snr_gamma=5.0,
+                denoise_weighting="min_snr", denoise_snr_gamma=100.0,
                 optimality_weight=0.1, optimality_form="stationarity", score_weight=0.1, kT=0.025,
                 consistency_params="structure_head")
   c.optim = dict(learning_rate=1e-3, warmup_steps=2000, end_lr_factor=0.01, weight_decay=0.0, clip_norm=10.0)

@@ -1,5 +1,6 @@
 """An ASE calculator on a trained consist model: energy (eV) and forces = -dE/dR (eV/Å).
 
+  calc = ConsistCalculator.from_workdir()                 # the bundled pretrained model
   calc = ConsistCalculator.from_workdir("runs/stage2")    # or ConsistCalculator(TrainedModel.load(...))
   atoms.calc = calc; ase.optimize.BFGS(atoms).run(fmax=0.05)
 
@@ -26,7 +27,7 @@ import numpy as np
 from consist.data.convert.bonds import bonds_of
 from consist.data.graph import count_edges
 from consist.data.record import MoleculeRecord
-from consist.inference import TrainedModel
+from consist.inference import TrainedModel, load_model
 from consist.predict import molecules
 
 
@@ -60,9 +61,15 @@ class ConsistCalculator(ase_calc.Calculator):
     self._template: MoleculeRecord | None = None  # bond graph, charge and elements in use
 
   @classmethod
-  def from_workdir(cls, workdir: str | Path, *, step: int | None = None, **kwargs) -> "ConsistCalculator":
-    """Loads the latest (or `step`'s) checkpoint of a `launch.train` workdir."""
-    return cls(TrainedModel.load(workdir, step), **kwargs)
+  def from_workdir(cls, workdir: str | Path | None = None, *, step: int | None = None,
+                   **kwargs) -> "ConsistCalculator":
+    """Loads the latest (or `step`'s) checkpoint of a `launch.train` workdir; None = the bundled
+    pretrained model (models/pretrained).
+
+    Raises:
+      CheckpointError: naming the path and what is wrong.
+    """
+    return cls(load_model(workdir, step), **kwargs)
 
   @property
   def bond_graph(self) -> tuple[np.ndarray, np.ndarray] | None:

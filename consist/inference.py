@@ -28,6 +28,7 @@ from consist import checkpoint, diffusion
 from consist.config import Config
 from consist.data.batching import empty_batch
 from consist.data.budgets import Buckets
+from consist.data.bundled import PRETRAINED_MODEL
 from consist.data.pipeline import InputPipeline
 from consist.data.record import MoleculeRecord
 from consist.data.reference import EnergyReference
@@ -189,3 +190,27 @@ class TrainedModel:
       if progress is not None:
         progress(done, len(records))
     return out
+
+
+class CheckpointError(ValueError):
+  """The checkpoint cannot be used (missing, not a run's workdir, or an incompatible config)."""
+
+
+def load_model(workdir: str | Path | None = None, step: int | None = None) -> TrainedModel:
+  """The latest (or `step`'s) checkpoint of a `launch.train` workdir; None = the bundled
+  pretrained model (models/pretrained).
+
+  Raises:
+    CheckpointError: naming the path and what is wrong.
+  """
+  path = Path(PRETRAINED_MODEL if workdir is None else workdir)
+  if not path.exists():
+    if path.resolve() == PRETRAINED_MODEL.resolve():
+      raise CheckpointError(f"{path}: the bundled pretrained model is not in this checkout yet; train one "
+                            "(python -m launch.train --config configs/quickstart.py --workdir DIR) and pass "
+                            "its workdir")
+    raise CheckpointError(f"{path}: no such directory")
+  try:
+    return TrainedModel.load(path, step)
+  except (FileNotFoundError, KeyError, checkpoint.CheckpointMismatchError) as e:
+    raise CheckpointError(f"{path}: cannot load a model: {e}") from e

@@ -45,12 +45,12 @@ def main(argv):
     raise app.UsageError("give either --smiles (repeatable) or --input FILE")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
-  from consist.inference import Sampling  # pylint: disable=g-import-not-at-top  (imports jax)
+  from consist import inference  # pylint: disable=g-import-not-at-top  (imports jax)
   from consist.data.bundled import PRETRAINED_MODEL  # pylint: disable=g-import-not-at-top
   from consist.predict import molecules, run, writers  # pylint: disable=g-import-not-at-top
 
   try:
-    sampling = Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value, t_star=_T_STAR.value,
+    sampling = inference.Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value, t_star=_T_STAR.value,
                         seed=_SEED.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
@@ -66,8 +66,8 @@ def main(argv):
   else:
     inputs = molecules.read_smiles(_SMILES.value)
   try:
-    model = run.load_model(_CHECKPOINT.value)
-  except run.CheckpointError as e:
+    model = inference.load_model(_CHECKPOINT.value)
+  except inference.CheckpointError as e:
     _fail("checkpoint", _CHECKPOINT.value or PRETRAINED_MODEL, str(e))
   report = run.predict_to_file(model, inputs, _OUT.value, sampling, relax=_RELAX.value, fmax=_FMAX.value,
                                relax_steps=_RELAX_STEPS.value)

@@ -8,6 +8,7 @@ import pytest
 from consist import diffusion, synthetic
 from consist.data.batching import Budget
 from consist.losses import multitask, optimality, score, total
+from consist.losses.masking import graph_mean, masked_mean
 from consist.models import model as model_lib
 from tests import model_fixtures as fx
 
@@ -177,6 +178,31 @@ def test_consistency_is_zero_at_exact_minima_and_positive_at_biased_ones():
       bad, _ = score.score_consistency_loss(boltzmann_denoiser(b, synthetic.CHEAP), b, schedule,
                                             no_fallback, t_score=t_s, kT=kT)
       assert float(good) < 1e-10 and float(bad) > 1e-2, (float(good), float(bad))
+
+
+def test_min_snr_score_consistency_is_x0_error_weighted_by_capped_snr(setup):
+  """Under "min_snr" the score term reads as min(SNR, gamma) |x0_hat - x0_target|^2 (scaled
+  coordinates), with x0 = (x - sigma eps) / alpha, the same weights as the denoising loss."""
+  b, model, params = setup
+  schedule, kT, t_s, gamma = diffusion.Schedule(), 0.025, 0.002, 5.0
+  eps_fn = diffusion.model_denoiser(model, params, b, schedule)
+  forces = jax.random.normal(jax.random.key(3), b.positions.shape)
+  b = b.replace(forces=forces, forces_mask=b.graph_mask)
+  loss, metrics = score.score_consistency_loss(eps_fn, b, schedule, jnp.zeros_like(forces),
+                                               t_score=t_s, kT=kT, weighting="min_snr",
+                                               snr_gamma=gamma)
+  plain, _ = score.score_consistency_loss(eps_fn, b, schedule, jnp.zeros_like(forces),
+                                          t_score=t_s, kT=kT)
+  t_G = jnp.full(b.graph_mask.shape, t_s)
+  alpha, sigma = (a[b.node_graph][:, None] for a in schedule.alpha_sigma(t_G))
+  x = diffusion.to_scaled(b.positions, b, schedule)
+  x0_hat = (x - sigma * eps_fn(x, t_G)) / alpha
+  x0_target = (x - sigma * score.target_eps(forces, t_G, b, schedule, kT)) / alpha
+  snr = float((alpha[0, 0] / sigma[0, 0]) ** 2)
+  per_graph = graph_mean(min(snr, gamma) * jnp.sum((x0_hat - x0_target) ** 2, -1), b)
+  np.testing.assert_allclose(loss, masked_mean(per_graph, b.graph_mask), rtol=1e-4)
+  np.testing.assert_allclose(metrics["score_consistency_eps"], plain, rtol=1e-6)
+  assert snr > 1e4 and float(loss) < 1e-3 * float(plain)
 
 
 def test_optimality_with_ddim_chain_only_last_step_has_gradient(setup):

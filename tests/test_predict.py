@@ -14,6 +14,7 @@ from rdkit import Chem
 
 import predict_model
 from consist.data.bundled import PRETRAINED_MODEL
+from consist import inference
 from consist.inference import Sampling, TrainedModel
 from consist.predict import molecules, run, writers
 
@@ -158,12 +159,12 @@ def test_output_path_and_checkpoint_errors(workdir, tmp_path):
     d = json.loads(meta.read_text())
     d["config"]["model"]["channels"] = 16
     meta.write_text(json.dumps(d))
-  with pytest.raises(run.CheckpointError, match=r"other_config.*incompatible checkpoint"):
-    run.load_model(other)
-  with pytest.raises(run.CheckpointError, match=r"not_a_run: no such directory"):
-    run.load_model(tmp_path / "not_a_run")
-  with pytest.raises(run.CheckpointError, match=r"no checkpoints"):
-    run.load_model(tmp_path)
+  with pytest.raises(inference.CheckpointError, match=r"other_config.*incompatible checkpoint"):
+    inference.load_model(other)
+  with pytest.raises(inference.CheckpointError, match=r"not_a_run: no such directory"):
+    inference.load_model(tmp_path / "not_a_run")
+  with pytest.raises(inference.CheckpointError, match=r"no checkpoints"):
+    inference.load_model(tmp_path)
 
 
 def test_nothing_predicted_writes_nothing(model, tmp_path):

@@ -13,9 +13,17 @@ eV/Å^2; at kT = 0.025 eV (~300 K) the thermal width is ~0.02 Å, so the default
 
 Weighting: the score at t_s is huge (|F|/kT ~ 100 Å^-1 at 2.5 eV/Å) and its scale depends on the
 choice of t_s, so the loss compares sigma * position_scale * score with sigma * position_scale *
-F / kT, i.e. -eps_theta against eps_target = -sigma * position_scale * F / kT: eps-space, the same
-units and O(1) scale as the denoising loss, so the weights of the two are comparable. Per graph,
-mean over atoms of the squared difference; mean over real graphs.
+F / kT, i.e. -eps_theta against eps_target = -sigma * position_scale * F / kT, and then weights the
+eps-space error exactly as the denoising loss does (`multitask.denoising_loss`), so the two terms'
+weights are comparable under either parameterisation:
+  "eps":     w = 1. Right for the eps parameterisation.
+  "min_snr": w = min(SNR, gamma) / SNR: x0-space errors weighted by min(SNR, gamma). Under the x0
+             parameterisation the implied eps is (x - alpha x0_hat) / sigma, so with w = 1 an x0
+             error of 0.05 Å reads as eps ~ 16 at t_s = 0.002: the term (~10^3) swamps every other
+             one and, through global gradient clipping, starves the multi-task terms of the update
+             (measured: grad norm 300-8000 at clip 10; docs/DEVLOG.md).
+Per graph, mean over atoms of the weighted squared difference; mean over real graphs.
+"score_consistency_eps" always reports the unweighted eps-space error.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from consist import diffusion
+from consist.losses import multitask
 from consist.losses.masking import graph_mean, masked_mean
 from consist.models.heads import remove_mean
 from consist.types import GraphBatch
@@ -39,7 +48,8 @@ def target_eps(forces_N3: jax.Array, t_G: jax.Array, batch: GraphBatch,
 
 def score_consistency_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch,
                            schedule: diffusion.Schedule, fallback_forces_N3: jax.Array, *,
-                           t_score: float, kT: float) -> tuple[jax.Array, dict]:
+                           t_score: float, kT: float, weighting: str = "eps",
+                           snr_gamma: float = 5.0) -> tuple[jax.Array, dict]:
   """Score consistency over all real graphs.
 
   Args:
@@ -47,16 +57,25 @@ def score_consistency_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch,
     fallback_forces_N3: -grad_R E_sg at `batch.positions` (eV/Å), used where a graph has no
       force labels; must be stop-gradient.
     t_score: the small diffusion time t_s; kT: eV.
+    weighting, snr_gamma: as in `multitask.denoising_loss` ("eps" or "min_snr").
   """
+  if weighting not in multitask.WEIGHTINGS:
+    raise ValueError(f"score weighting must be one of {multitask.WEIGHTINGS}, got {weighting!r}")
   t_G = jnp.full(batch.graph_mask.shape, t_score, batch.positions.dtype)
   forces = jnp.where(batch.forces_mask[batch.node_graph][:, None], batch.forces,
                      fallback_forces_N3)
   x = diffusion.to_scaled(batch.positions, batch, schedule)
   sq = jnp.sum((eps_fn(x, t_G) - target_eps(forces, t_G, batch, schedule, kT)) ** 2, axis=-1)
-  per_graph = graph_mean(sq, batch)
+  per_graph_eps = graph_mean(sq, batch)
+  per_graph = per_graph_eps
+  if weighting == "min_snr":
+    alpha, sigma = schedule.alpha_sigma(t_G)
+    snr = (alpha / sigma) ** 2
+    per_graph = jnp.minimum(snr, snr_gamma) / snr * per_graph_eps
   loss = masked_mean(per_graph, batch.graph_mask)
   return loss, {
       "score_consistency": loss,
+      "score_consistency_eps": masked_mean(per_graph_eps, batch.graph_mask),
       "score_consistency_equilibrium": masked_mean(per_graph, batch.graph_mask & batch.is_equilibrium),
       "score_consistency_off_equilibrium": masked_mean(
           per_graph, batch.graph_mask & ~batch.is_equilibrium),

@@ -32,7 +32,8 @@ class LossConfig:
     denoise_t_min, denoise_t_max: denoising times t ~ U[denoise_t_min, denoise_t_max]; a
       t_max < 1 trains only the low-noise range that one-step / refine generation uses.
     denoise_weighting: "eps" (plain eps-space MSE) or "min_snr" (bounded weight of x0 errors at
-      small t; use it with the "x0" parameterisation), see `multitask.denoising_loss`.
+      small t; use it with the "x0" parameterisation), see `multitask.denoising_loss`; score
+      consistency is weighted the same way.
     denoise_snr_gamma: the SNR cap of "min_snr".
     optimality_weight: weight of optimality consistency (stage 2).
     optimality_form: "stationarity" (|grad E_sg(R_hat)|^2, HVP gradient) or "descent".
@@ -111,7 +112,8 @@ def consistency_terms(model: model_lib.Model, schedule: diffusion.Schedule, conf
   if config.score_weight > 0:
     _, forces_sg = model_lib.energy_and_forces(model, energy_params, batch)
     terms["score"] = score.score_consistency_loss(
-        eps_fn, batch, schedule, forces_sg, t_score=config.score_t, kT=config.kT)
+        eps_fn, batch, schedule, forces_sg, t_score=config.score_t, kT=config.kT,
+        weighting=config.denoise_weighting, snr_gamma=config.denoise_snr_gamma)
   return terms
 
 

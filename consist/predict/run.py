@@ -22,9 +22,7 @@ import ase
 import ase.optimize
 import numpy as np
 
-from consist import checkpoint
 from consist.calculator import ConsistCalculator
-from consist.data.bundled import PRETRAINED_MODEL
 from consist.inference import Sampling, TrainedModel
 from consist.predict import molecules, writers
 from consist.predict.molecules import Molecule, MoleculeError
@@ -36,27 +34,6 @@ REASON_NONFINITE = "non-finite prediction"
 OVERLAP_DISTANCE = 0.5
 
 
-class CheckpointError(ValueError):
-  """The checkpoint cannot be used (missing, not a run's workdir, or an incompatible config)."""
-
-
-def load_model(workdir: str | Path | None = None) -> TrainedModel:
-  """The latest checkpoint of a `launch.train` workdir; None = the bundled pretrained model.
-
-  Raises:
-    CheckpointError: naming the path and what is wrong.
-  """
-  path = Path(PRETRAINED_MODEL if workdir is None else workdir)
-  if not path.exists():
-    if path.resolve() == PRETRAINED_MODEL.resolve():
-      raise CheckpointError(f"{path}: the bundled pretrained model is not in this checkout yet; train one "
-                            "(python -m launch.train --config configs/quickstart.py --workdir DIR) and pass "
-                            "its workdir")
-    raise CheckpointError(f"{path}: no such directory")
-  try:
-    return TrainedModel.load(path)
-  except (FileNotFoundError, KeyError, checkpoint.CheckpointMismatchError) as e:
-    raise CheckpointError(f"{path}: cannot load a model: {e}") from e
 
 
 class Progress:

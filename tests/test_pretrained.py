@@ -1,0 +1,68 @@
+"""The bundled pretrained model (models/pretrained, configs/pretrained.py): it is the default of
+`launch.predict` and the calculator, it is actually trained, and it works through both."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.optimize
+import numpy as np
+import pytest
+from rdkit import Chem
+
+from consist import inference
+from consist.calculator import ConsistCalculator
+from consist.data.bundled import BUNDLED_DATASET, PRETRAINED_MODEL
+from consist.data.store import open_dataset
+from consist.predict import molecules
+from test_predict import COMMON_SMILES  # pylint: disable=wrong-import-order
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return inference.load_model()  # None: the bundled model
+
+
+def test_default_is_the_bundled_model_and_it_is_trained(model):
+  assert model.workdir == PRETRAINED_MODEL and model.config.train.steps == model.step
+  # Energy-head forces at the test split's MMFF94 structures against the GFN2-xTB labels: a trained
+  # model explains a good part of them (an untrained one: error ~ label RMS).
+  test = open_dataset(BUNDLED_DATASET)["test"]
+  records = [test[i] for i in range(0, len(test), max(1, len(test) // 24))][:24]
+  errors, labels = [], []
+  for r, (_, forces) in zip(records, model.energy_and_forces(records)):
+    errors.append(forces - r.forces)
+    labels.append(r.forces)
+  rmse = np.sqrt(np.mean(np.concatenate(errors) ** 2))
+  rms = np.sqrt(np.mean(np.concatenate(labels) ** 2))
+  assert rmse < 0.8 * rms, (rmse, rms)
+
+
+def test_calculator_defaults_to_it_and_relaxes(model):
+  mol = molecules.from_smiles("CCO")
+  atoms = ase.Atoms(numbers=mol.atomic_numbers, positions=molecules.start_positions(mol, "refine", 0))
+  atoms.calc = ConsistCalculator.from_workdir()
+  assert atoms.calc.model.workdir == PRETRAINED_MODEL
+  e0 = atoms.get_potential_energy()
+  assert ase.optimize.BFGS(atoms, logfile=None).run(fmax=0.05, steps=300)
+  assert atoms.get_potential_energy() <= e0
+
+
+@pytest.mark.slow
+def test_predict_cli_default_model_on_50_smiles(tmp_path):
+  out = tmp_path / "pred.sdf"
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  args = [a for s in COMMON_SMILES for a in ("--smiles", s)]
+  done = subprocess.run([sys.executable, "-m", "launch.predict", *args, "--out", str(out)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "predicted 50 of 50 molecules" in done.stdout
+  back = list(Chem.SDMolSupplier(str(out), removeHs=False))
+  assert len(back) == 50
+  for smiles, mol in zip(COMMON_SMILES, back):
+    expected = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    np.testing.assert_array_equal(Chem.GetAdjacencyMatrix(mol, useBO=True),
+                                  Chem.GetAdjacencyMatrix(expected, useBO=True), err_msg=smiles)
