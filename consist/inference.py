@@ -206,9 +206,8 @@ def load_model(workdir: str | Path | None = None, step: int | None = None) -> Tr
   path = Path(PRETRAINED_MODEL if workdir is None else workdir)
   if not path.exists():
     if path.resolve() == PRETRAINED_MODEL.resolve():
-      raise CheckpointError(f"{path}: the bundled pretrained model is not in this checkout yet; train one "
-                            "(python -m launch.train --config configs/quickstart.py --workdir DIR) and pass "
-                            "its workdir")
+      raise CheckpointError(f"{path}: the bundled pretrained model is not in this checkout; rebuild it "
+                            "with the commands in configs/pretrained.py, or pass a run's workdir")
     raise CheckpointError(f"{path}: no such directory")
   try:
     return TrainedModel.load(path, step)

@@ -41,6 +41,12 @@ def test_default_is_the_bundled_model_and_it_is_trained(model):
   assert rmse < 0.8 * rms, (rmse, rms)
 
 
+def test_missing_bundled_model_says_how_to_make_it(monkeypatch, tmp_path):
+  monkeypatch.setattr(inference, "PRETRAINED_MODEL", tmp_path / "pretrained")
+  with pytest.raises(inference.CheckpointError, match=r"bundled pretrained model is not in this checkout.*configs/pretrained.py"):
+    inference.load_model()
+
+
 def test_calculator_defaults_to_it_and_relaxes(model):
   mol = molecules.from_smiles("CCO")
   atoms = ase.Atoms(numbers=mol.atomic_numbers, positions=molecules.start_positions(mol, "refine", 0))

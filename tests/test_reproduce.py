@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_reproduction_configs_build():
-  for name in ("reproduce_smoke", "reproduce_quickstart"):
+  for name in ("reproduce_smoke", "reproduce_quickstart", "reproduce_short"):
     c = load_config(REPO / "configs" / f"{name}.py")
     rc = ReproduceConfig.from_dict(c.reproduce.to_dict())
     assert set(rc.arms) == set(ARMS) and not rc.stage1_force_data

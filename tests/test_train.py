@@ -41,7 +41,7 @@ def _lines(workdir):
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6"])
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6", "pretrained"])
 def test_configs_build(name):
   for arg in (None, "stage2", "baseline"):
     cfg = Config.from_config_dict(load_config(name, arg))
