@@ -36,6 +36,23 @@ def forces_loss(forces_N3: jax.Array, batch: GraphBatch) -> tuple[jax.Array, dic
 WEIGHTINGS = ("eps", "min_snr")
 
 
+def eps_weight(t_G: jax.Array, schedule: diffusion.Schedule, weighting: str,
+               snr_gamma: float) -> jax.Array | None:
+  """Per-graph weight [G] of an eps-space squared error under `weighting` (see `denoising_loss`):
+  None for "eps" (w = 1), min(SNR, snr_gamma) / SNR for "min_snr".
+
+  Raises:
+    ValueError: unknown weighting.
+  """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"eps-space weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+  if weighting == "eps":
+    return None
+  alpha, sigma = schedule.alpha_sigma(t_G)
+  snr = (alpha / sigma) ** 2
+  return jnp.minimum(snr, snr_gamma) / snr
+
+
 def denoising_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch, schedule: diffusion.Schedule,
                    rng: jax.Array, *, t_min: float, t_max: float = 1.0, weighting: str = "eps",
                    snr_gamma: float = 5.0) -> tuple[jax.Array, dict]:
@@ -51,20 +68,17 @@ def denoising_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch, schedule: dif
                and do not swamp the energy terms in the shared encoder.
   "denoise_mse" always reports the unweighted eps-space error.
   """
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f"denoising weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   t_rng, eps_rng = jax.random.split(rng)
   dtype = batch.positions.dtype
   t_G = jax.random.uniform(t_rng, batch.graph_mask.shape, dtype, t_min, t_max)
   eps = diffusion.centered_noise(eps_rng, batch, dtype)
   x_t = diffusion.add_noise(diffusion.to_scaled(batch.positions, batch, schedule), eps, t_G,
                             batch, schedule)
+  weight = eps_weight(t_G, schedule, weighting, snr_gamma)
   sq = jnp.sum((eps_fn(x_t, t_G) - eps) ** 2, axis=-1)
   mask = batch.is_equilibrium & batch.graph_mask
   mse = masked_mean(graph_mean(sq, batch), mask)
-  if weighting == "eps":
+  if weight is None:
     return mse, {"denoise_mse": mse}
-  alpha, sigma = schedule.alpha_sigma(t_G)
-  snr = (alpha / sigma) ** 2
-  loss = masked_mean(jnp.minimum(snr, snr_gamma) / snr * graph_mean(sq, batch), mask)
+  loss = masked_mean(weight * graph_mean(sq, batch), mask)
   return loss, {"denoise_mse": mse, "denoise_weighted": loss}

@@ -59,19 +59,14 @@ def score_consistency_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch,
     t_score: the small diffusion time t_s; kT: eV.
     weighting, snr_gamma: as in `multitask.denoising_loss` ("eps" or "min_snr").
   """
-  if weighting not in multitask.WEIGHTINGS:
-    raise ValueError(f"score weighting must be one of {multitask.WEIGHTINGS}, got {weighting!r}")
   t_G = jnp.full(batch.graph_mask.shape, t_score, batch.positions.dtype)
+  weight = multitask.eps_weight(t_G, schedule, weighting, snr_gamma)
   forces = jnp.where(batch.forces_mask[batch.node_graph][:, None], batch.forces,
                      fallback_forces_N3)
   x = diffusion.to_scaled(batch.positions, batch, schedule)
   sq = jnp.sum((eps_fn(x, t_G) - target_eps(forces, t_G, batch, schedule, kT)) ** 2, axis=-1)
   per_graph_eps = graph_mean(sq, batch)
-  per_graph = per_graph_eps
-  if weighting == "min_snr":
-    alpha, sigma = schedule.alpha_sigma(t_G)
-    snr = (alpha / sigma) ** 2
-    per_graph = jnp.minimum(snr, snr_gamma) / snr * per_graph_eps
+  per_graph = per_graph_eps if weight is None else weight * per_graph_eps
   loss = masked_mean(per_graph, batch.graph_mask)
   return loss, {
       "score_consistency": loss,

@@ -34,8 +34,6 @@ REASON_NONFINITE = "non-finite prediction"
 OVERLAP_DISTANCE = 0.5
 
 
-
-
 class Progress:
   """A one-line progress bar with rate and ETA (a line per 10% when the stream is not a terminal)."""
 
