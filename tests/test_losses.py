@@ -21,9 +21,8 @@ def setup():
 
 
 def _spring_energy_fn(batch, mol_indices, level=synthetic.ACCURATE):
-  springs, graph = fx.world().springs_for(mol_indices, level)
-  springs = jax.tree.map(jnp.asarray, springs)
-  return lambda pos: synthetic.spring_energy(pos, springs, jnp.asarray(graph), batch.num_graphs)
+  springs = jax.tree.map(jnp.asarray, fx.world().springs_for(mol_indices, level))
+  return lambda pos: synthetic.spring_energy(pos, springs, batch.num_graphs)
 
 
 def test_energy_and_force_losses_are_masked_and_per_molecule(setup):

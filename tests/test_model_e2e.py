@@ -1,26 +1,29 @@
 """End-to-end check of the project's claim on the synthetic world (BRIEF 3, issue 4).
 
 Structure labels are the biased cheap minima; energies and forces are accurate. From one
-multi-task (stage 1) checkpoint, two arms train for the same number of steps on the same batches
-with the same optimizer: multi-task continued, and multi-task + optimality consistency (structure
-head only). Both use the x0 parameterisation with min-SNR denoising weights, so a consistency
-gradient moves the one-step x0 prediction at O(1) rate at every t (with eps, dx0/dtheta carries a
-factor sigma(t) -> 0). Evaluation: one-step denoising from the cheap structure at t = EVAL_T, where
-the multi-task denoiser reproduces its training structures; K samples per molecule. The consistency
-arm's mean Kabsch RMSD to the accurate minima must be at most RATIO_BAR of the multi-task arm's and
-below the cheap structures' own RMSD.
+multi-task (stage 1) checkpoint, three arms train for the same number of steps on the same batches
+with the same optimizer: multi-task continued, and multi-task + optimality consistency in each
+form (stationarity through the HVP, and descent), routed to the structure head and the shared
+encoder (never the energy pathway). All use the x0 parameterisation with min-SNR denoising weights,
+so a consistency gradient moves the one-step x0 prediction at O(1) rate at every t (with eps,
+dx0/dtheta carries a factor sigma(t) -> 0). Evaluation: one-step denoising from the cheap structure
+at t = EVAL_T, where the multi-task denoiser reproduces its training structures; K samples per
+molecule. Each consistency arm's mean Kabsch RMSD to the accurate minima must be at most
+RATIO_BAR = 0.7 of the multi-task arm's (issue 4) and below the cheap structures' own RMSD.
 
-Issue 4 asks for a ratio of 0.7. Measured on 2 CPU cores (2026-11-24): consistency 0.0600 Å,
-multi-task 0.0703 Å, cheap structures 0.0699 Å, ratio 0.853. The limit is the learned energy, not
-the structure pathway: its residual force at the accurate minima is ~0.17 eV/Å, and relaxing the
-cheap structures on it under a 10 eV/Å^2 restraint gets no closer than ~0.055-0.061 Å (the exact
-energy under the same restraint: 0.053 Å). RATIO_BAR guards the measured improvement; lowering it
-to 0.7 needs a more accurate energy head (docs/DEVLOG.md).
+Measured on 2 CPU cores (2026-11-24, ~2.5 min): multi-task 0.0407 Å, cheap structures 0.0376 Å,
+stationarity 0.0236 Å (ratio 0.58), descent 0.0223 Å (ratio 0.55); with two other seeds the ratios
+were 0.35-0.51. What it takes (docs/DEVLOG.md): an energy model trained long enough (3,000 stage-1
+steps; at 500 the ratio is ~0.8), consistency weight 10 against the denoising loss, which asks for
+the cheap structures at the same small t, and the encoder in the consistency route (structure head
+alone: 0.78).
 
-The failure message also reports what limits the consistency arm: the energy model's force error
+The failure message also reports what limits the consistency arms: the energy model's force error
 at the cheap structures and its residual force at the accurate minima (BRIEF 3: consistency can
 only move structures to the minima of the *learned* energy).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +37,16 @@ from consist.losses import total
 from consist.models import model as model_lib
 from consist.models.config import ModelConfig
 
-STAGE1_STEPS, STAGE2_STEPS = 500, 300
+STAGE1_STEPS, STAGE2_STEPS = 3000, 300
 STAGE1_LR, STAGE2_LR, STAGE2_STRUCTURE_LR = 5e-3, 3e-3, 1e-2
 EVAL_T, SAMPLES = 0.005, 4
-RATIO_BAR = 0.9  # issue 4 asks 0.7: not reached yet (module docstring)
+RATIO_BAR = 0.7
 MULTITASK = total.LossConfig(forces_weight=10.0, denoise_t_max=0.3, denoise_weighting="min_snr",
                              denoise_snr_gamma=100.0)
-CONSISTENCY = total.LossConfig(forces_weight=10.0, denoise_t_max=0.3, denoise_weighting="min_snr",
-                               denoise_snr_gamma=100.0, optimality_weight=1.0,
-                               optimality_t_range=(0.002, 0.02),
-                               consistency_params="structure_head")
+CONSISTENCY = {form: dataclasses.replace(MULTITASK, optimality_weight=10.0, optimality_form=form,
+                                         optimality_t_range=(0.002, 0.02),
+                                         consistency_params="structure_head+encoder")
+               for form in ("stationarity", "descent")}
 
 
 def _optimizer(params, lr, structure_lr, n):
@@ -98,7 +101,7 @@ def test_consistency_moves_structures_towards_accurate_minima():
                   STAGE1_LR)
   arms = {name: _train(model, schedule, config, stage1, batches, STAGE2_STEPS, STAGE1_STEPS,
                        STAGE2_LR, STAGE2_STRUCTURE_LR)
-          for name, config in (("multitask", MULTITASK), ("consistency", CONSISTENCY))}
+          for name, config in {"multitask": MULTITASK, **CONSISTENCY}.items()}
 
   @jax.jit
   def generate(params):
@@ -119,13 +122,16 @@ def test_consistency_moves_structures_towards_accurate_minima():
   accurate = eval_batch.positions
   for m, a, b in spans:
     accurate = accurate.at[a:b].set(jnp.asarray(m.accurate_minimum, jnp.float32))
-  _, f_cheap = model_lib.energy_and_forces(model, arms["consistency"], eval_batch)
-  _, f_acc = model_lib.energy_and_forces(model, arms["consistency"], eval_batch, accurate)
-  mask = eval_batch.node_mask
-  assert rmsd["consistency"] <= RATIO_BAR * rmsd["multitask"] and rmsd["consistency"] < cheap, (
-      f"mean RMSD to accurate minima: consistency {rmsd['consistency']:.4f} Å, multi-task "
-      f"{rmsd['multitask']:.4f} Å (ratio {rmsd['consistency'] / rmsd['multitask']:.3f}; cheap "
-      f"structures themselves {cheap:.4f} Å). Energy model: force RMSE at the cheap structures "
-      f"{_rms(f_cheap - eval_batch.forces, mask):.3f} eV/Å (label RMS "
-      f"{_rms(eval_batch.forces, mask):.3f}), model force RMS at the accurate minima "
-      f"{_rms(f_acc, mask):.3f} eV/Å (exact: 0)")
+  for form in CONSISTENCY:
+    _, f_cheap = model_lib.energy_and_forces(model, arms[form], eval_batch)
+    _, f_acc = model_lib.energy_and_forces(model, arms[form], eval_batch, accurate)
+    mask = eval_batch.node_mask
+    ratio = rmsd[form] / rmsd["multitask"]
+    print(f"{form}: {rmsd[form]:.4f} Å vs multi-task {rmsd['multitask']:.4f} Å, ratio {ratio:.3f}")
+    assert ratio <= RATIO_BAR and rmsd[form] < cheap, (
+        f"mean RMSD to accurate minima: {form} consistency {rmsd[form]:.4f} Å, multi-task "
+        f"{rmsd['multitask']:.4f} Å (ratio {ratio:.3f}, bar {RATIO_BAR}; cheap structures "
+        f"themselves {cheap:.4f} Å). Energy model: force RMSE at the cheap structures "
+        f"{_rms(f_cheap - eval_batch.forces, mask):.3f} eV/Å (label RMS "
+        f"{_rms(eval_batch.forces, mask):.3f}), model force RMS at the accurate minima "
+        f"{_rms(f_acc, mask):.3f} eV/Å (exact: 0)")
