@@ -13,7 +13,7 @@ RATIO_BAR = 0.7 of the multi-task arm's (issue 4) and below the cheap structures
 
 Measured on 2 CPU cores (2026-11-24, ~2.5 min): multi-task 0.0407 Å, cheap structures 0.0376 Å,
 stationarity 0.0236 Å (ratio 0.58), descent 0.0223 Å (ratio 0.55); with two other seeds the ratios
-were 0.35-0.51. What it takes (docs/DEVLOG.md): an energy model trained long enough (3,000 stage-1
+were 0.35-0.52. What it takes (docs/DEVLOG.md): an energy model trained long enough (3,000 stage-1
 steps; at 500 the ratio is ~0.8), consistency weight 10 against the denoising loss, which asks for
 the cheap structures at the same small t, and the encoder in the consistency route (structure head
 alone: 0.78).
