@@ -122,12 +122,13 @@ def test_consistency_moves_structures_towards_accurate_minima():
   accurate = eval_batch.positions
   for m, a, b in spans:
     accurate = accurate.at[a:b].set(jnp.asarray(m.accurate_minimum, jnp.float32))
+  mask = eval_batch.node_mask
   for form in CONSISTENCY:
     _, f_cheap = model_lib.energy_and_forces(model, arms[form], eval_batch)
     _, f_acc = model_lib.energy_and_forces(model, arms[form], eval_batch, accurate)
-    mask = eval_batch.node_mask
     ratio = rmsd[form] / rmsd["multitask"]
-    print(f"{form}: {rmsd[form]:.4f} Å vs multi-task {rmsd['multitask']:.4f} Å, ratio {ratio:.3f}")
+    print(f"{form}: {rmsd[form]:.4f} Å vs multi-task {rmsd['multitask']:.4f} Å, "
+          f"ratio {ratio:.3f}")
     assert ratio <= RATIO_BAR and rmsd[form] < cheap, (
         f"mean RMSD to accurate minima: {form} consistency {rmsd[form]:.4f} Å, multi-task "
         f"{rmsd['multitask']:.4f} Å (ratio {ratio:.3f}, bar {RATIO_BAR}; cheap structures "

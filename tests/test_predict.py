@@ -183,8 +183,10 @@ def _cli(*args) -> subprocess.CompletedProcess:
 def test_cli_flag_errors_name_the_flag(tmp_path):
   bad_out = _cli("--smiles", "CCO", "--out", str(tmp_path / "nope" / "x.sdf"))
   assert bad_out.returncode != 0 and "--out=" in bad_out.stderr and "does not exist" in bad_out.stderr
-  no_model = _cli("--checkpoint", str(tmp_path / "missing"), "--smiles", "CCO", "--out", str(tmp_path / "x.sdf"))
-  assert no_model.returncode != 0 and "--checkpoint=" in no_model.stderr and "no such directory" in no_model.stderr
+  no_model = _cli("--checkpoint", str(tmp_path / "missing"), "--smiles", "CCO",
+                  "--out", str(tmp_path / "x.sdf"))
+  assert no_model.returncode != 0 and "--checkpoint=" in no_model.stderr
+  assert "no such directory" in no_model.stderr
   assert not list(tmp_path.iterdir())
 
 

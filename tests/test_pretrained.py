@@ -43,7 +43,8 @@ def test_default_is_the_bundled_model_and_it_is_trained(model):
 
 def test_missing_bundled_model_says_how_to_make_it(monkeypatch, tmp_path):
   monkeypatch.setattr(inference, "PRETRAINED_MODEL", tmp_path / "pretrained")
-  with pytest.raises(inference.CheckpointError, match=r"bundled pretrained model is not in this checkout.*configs/pretrained.py"):
+  with pytest.raises(inference.CheckpointError,
+                     match=r"bundled pretrained model is not in this checkout.*configs/pretrained.py"):
     inference.load_model()
 
 

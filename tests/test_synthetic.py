@@ -42,8 +42,8 @@ def test_minima_are_stationary_and_unique_up_to_rigid_motion(world, level):
 
 
 def test_cheap_minima_carry_the_bond_bias(world):
-  """Cheap minima differ from the accurate ones by bond lengths mostly: X-H bonds longer, heavy
-  bonds shorter, and both energies agree with their definitions."""
+  """Cheap minima carry the known bias: X-H bonds longer, heavy-atom bonds shorter, a few
+  hundredths of an Å RMSD from the accurate minima, and a positive accurate energy there."""
   for mol in world.molecules:
     i, j = mol.accurate.i, mol.accurate.j
     bonded = mol.accurate.k == synthetic.SPRING_CONSTANTS[1]
@@ -64,7 +64,6 @@ def test_planarity_terms_sit_on_coplanar_quadruples_and_are_reflection_invariant
   for mol in world.molecules:
     volume = np.asarray(synthetic.signed_volume(jnp.asarray(mol.accurate_minimum),
                                                 jnp.asarray(mol.accurate.quad)))
-    np.testing.assert_allclose(volume, mol.accurate.volume, atol=1e-6)
     assert np.all(np.abs(volume) < synthetic.PLANAR_TOLERANCE)
     kicked = mol.cheap_minimum + 0.05 * rng.normal(size=mol.cheap_minimum.shape)
     mirrored = kicked * np.array([1.0, 1.0, -1.0])
