@@ -20,6 +20,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from launch import _cli  # noqa: E402
+
 from consist.build import config as build_config  # noqa: E402
 from consist.data.bundled import BUNDLED_DATASET, REPO_ROOT  # noqa: E402
 
@@ -60,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "launch.build_dataset")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import _cli
+
 from consist.data import convert
 
 _FORMAT = flags.DEFINE_enum("format", None, list(convert.FORMATS), "Input format.")
@@ -70,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "launch.convert")

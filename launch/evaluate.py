@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from launch import _cli
+
 from consist.inference import MODES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train (latest checkpoint).")
@@ -84,4 +86,4 @@ def _fmt(x) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "launch.evaluate")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from launch import _cli
+
 from consist.data import store_format
 from consist.data.bundled import BUNDLED_DATASET
 from consist.data.store import Dataset, Store, StoreError, open_dataset, open_store
@@ -98,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "launch.inspect")

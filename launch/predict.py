@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags, logging
 
+from launch import _cli
+
 from consist.inference import MODES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
@@ -77,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "launch.predict")

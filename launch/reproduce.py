@@ -12,6 +12,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import _cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Reproduction config (configs/reproduce_*.py).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (runs, evaluations, results).")
@@ -47,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, "launch.reproduce")
