@@ -17,6 +17,7 @@ import ase
 import ase.io
 import numpy as np
 
+from consist.data.convert import sniff
 from consist.data.convert.ase_atoms import atoms_to_record
 from consist.data.convert.report import BadRecord, ConversionError, ConversionReport
 from consist.data.record import MoleculeRecord
@@ -31,8 +32,9 @@ def read(path: str | Path, report: ConversionReport, *, fidelity: str = "",
     structure_fidelity: level of theory of the positions (else the frame's `structure_fidelity` key).
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
+  sniff.check_input_file(path, "extxyz")
+  if sniff.kind_of(path) not in ("xyz", "text", "empty"):
+    raise ConversionError(f"{path}: not a text extxyz file ({sniff.describe(path)})")
   for index, start_line, frame in _frames(path, report):
     where = f"{path}: frame {index} (line {start_line})"
     record = report.build(where, lambda: _record(frame, index, fidelity, structure_fidelity))
@@ -42,6 +44,19 @@ def read(path: str | Path, report: ConversionReport, *, fidelity: str = "",
 
 def _frames(path: Path, report: ConversionReport) -> Iterator[tuple[int, int, str]]:
   """Yields (frame index, 1-based first line, frame text); a frame cut short is reported truncated."""
+  try:
+    yield from split_frames(path, report.lose)
+  except UnicodeDecodeError as e:
+    raise ConversionError(f"{path}: not a text extxyz file (bytes that are not UTF-8 text at byte "
+                          f"{e.start} of a line)") from None
+
+
+def split_frames(path: Path, lose) -> Iterator[tuple[int, int, str]]:
+  """Yields (frame index, 1-based first line, frame text) of the XYZ file `path`.
+
+  A frame cut short by the end of the file is passed to `lose(where, "truncated", detail)`;
+  ConversionError if an atom-count line is not one (the frames after it cannot be located).
+  """
   with open(path, encoding="utf-8") as f:
     line_no = 0
     index = 0
@@ -64,8 +79,8 @@ def _frames(path: Path, report: ConversionReport) -> Iterator[tuple[int, int, st
       for _ in range(n + 1):
         line = f.readline()
         if not line:
-          report.lose(f"{path}: frame {index} (line {line_no})", "truncated",
-                      f"file ends after {max(len(lines) - 2, 0)} of {n} atom lines")
+          lose(f"{path}: frame {index} (line {line_no})", "truncated",
+               f"file ends after {max(len(lines) - 2, 0)} of {n} atom lines")
           return
         lines.append(line)
       yield index, line_no, "".join(lines)

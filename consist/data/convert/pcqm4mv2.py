@@ -21,6 +21,7 @@ from typing import Iterator, TextIO
 import numpy as np
 from rdkit import Chem
 
+from consist.data.convert import sniff
 from consist.data.convert.bonds import bonds_of, quiet_rdkit
 from consist.data.convert.elements import atomic_number
 from consist.data.convert.report import BadRecord, ConversionReport
@@ -48,8 +49,7 @@ def read(path: str | Path, report: ConversionReport, *, smiles_csv: str | Path |
     smiles_csv: the `data.csv.gz` with columns idx, smiles, ...; found next to the SDF by default.
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
+  sniff.check_input_file(path, "pcqm4mv2")
   csv_path = Path(smiles_csv) if smiles_csv else default_smiles_csv(path)
   if not csv_path.is_file():
     raise FileNotFoundError(f"{csv_path}: no such file")

@@ -19,7 +19,8 @@ import numpy as np
 from rdkit import Chem
 
 from consist import units
-from consist.data.convert.report import BadRecord, ConversionReport
+from consist.data.convert import sniff
+from consist.data.convert.report import BadRecord, ConversionError, ConversionReport
 from consist.data.record import MoleculeRecord
 
 FIDELITY = "wb97m-d3bj/def2-tzvppd"
@@ -33,12 +34,11 @@ def read(path: str | Path, report: ConversionReport, *,
     fidelity: label fidelity tag of the energies and gradients (SPICE's level by default).
   """
   path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
+  sniff.check_input_file(path, "spice")
   try:
     f = h5py.File(path, "r")
   except OSError as e:
-    raise ValueError(f"{path}: not a readable HDF5 file ({e})") from e
+    raise ConversionError(f"{path}: not a readable HDF5 file ({sniff.describe(path)}; {e})") from None
   with f:
     for name in f:
       group = f[name]
