@@ -22,9 +22,14 @@ import numpy as np
 
 from consist.data import store_format as fmt
 from consist.data import store_summary
-from consist.data.record import MoleculeRecord
+from consist.data.record import MAX_Z, MoleculeRecord
 from consist.data.store_format import StoreError
 from consist.data.store_writer import DatasetWriter, StoreWriter
+
+# Beyond these a stored value is damage, not chemistry (the writer stores only validated records).
+MAX_ABS_COORDINATE = 1e4  # Å
+MAX_ABS_FORCE = 1e5  # eV/Å
+MAX_ABS_ENERGY = 1e9  # eV
 
 __all__ = ["Dataset", "DatasetWriter", "Store", "StoreError", "StoreWriter", "open_dataset",
            "open_store"]
@@ -78,6 +83,19 @@ class Store:
       raise StoreError(f"{self.path / fmt.MANIFEST}: shard sizes do not add up to n_records")
     self._shards: list[dict[str, np.ndarray] | None] = [None] * len(manifest["shards"])
     self._n_atoms: np.ndarray | None = None
+    self._check_file_sizes()
+
+  def _check_file_sizes(self) -> None:
+    """Every column file exists with the size the manifest gives (one stat per file; `verify`
+    compares contents)."""
+    for s, shard in enumerate(self._manifest["shards"]):
+      missing = sorted(set(fmt.COLUMNS) - set(shard["files"]))
+      if missing:
+        raise StoreError(f"{self.path / fmt.MANIFEST}: shard {s} lacks columns {missing}")
+      for f in shard["files"].values():
+        fmt.check_column_file(self.path / f["path"], f["dtype"], f["shape"])
+    index = self._manifest["index"]
+    fmt.check_column_file(self.path / index["path"], index["dtype"], index["shape"])
 
   def __getstate__(self) -> dict[str, Any]:
     return {"path": str(self.path), "manifest": self._manifest}
@@ -161,6 +179,48 @@ class Store:
       return c[f"{name}_bytes"][offsets[j]:offsets[j + 1]].tobytes().decode("utf-8")
 
     n_bonds, b0 = int(c["n_bonds"][j]), int(c["bond_offset"][j])
+    try:
+      record = self._record(c, j, n, a0, n_bonds, b0, label, text)
+    except (UnicodeDecodeError, IndexError, ValueError) as e:
+      raise self._damaged(i, None, f"cannot be decoded ({type(e).__name__}: {e})") from None
+    self._check_values(i, record)
+    return record
+
+  def _damaged(self, i, mol_id, what: str) -> StoreError:
+    who = "" if mol_id is None else f" (mol_id={mol_id!r})"
+    return StoreError(f"{self.path}: record {i}{who}: {what}: the store is damaged (a file changed after "
+                      f"it was written); `python -m launch.inspect {self.path.parent} --verify` names the file")
+
+  def _check_values(self, i, r: MoleculeRecord) -> None:
+    """What the writer never stores (it validates every record): seen on read, the data is damaged."""
+    n = r.n_atoms
+    z = r.atomic_numbers
+    if n < 1 or r.positions.shape != (n, 3):
+      raise self._damaged(i, r.mol_id, f"{n} atoms with positions of shape {r.positions.shape}")
+    if ((z < 1) | (z > MAX_Z)).any():
+      raise self._damaged(i, r.mol_id, f"atomic number {int(z[(z < 1) | (z > MAX_Z)][0])}")
+    for name, limit, unit in (("positions", MAX_ABS_COORDINATE, "Å"), ("ref_positions", MAX_ABS_COORDINATE, "Å"),
+                              ("forces", MAX_ABS_FORCE, "eV/Å")):
+      arr = getattr(r, name)
+      if arr is None:
+        continue
+      if arr.shape != (n, 3):
+        raise self._damaged(i, r.mol_id, f"{name} of shape {arr.shape} for {n} atoms")
+      if not np.isfinite(arr).all():
+        raise self._damaged(i, r.mol_id, f"{name} hold NaN/inf")
+      if np.abs(arr).max() > limit:
+        raise self._damaged(i, r.mol_id, f"{name} hold {np.abs(arr).max():.3g} {unit} (a molecule's "
+                                         f"stay within ±{limit:g} {unit})")
+    for name in ("energy", "ref_energy"):
+      v = getattr(r, name)
+      if v is not None and not (np.isfinite(v) and abs(v) <= MAX_ABS_ENERGY):
+        raise self._damaged(i, r.mol_id, f"{name} = {v:.3g} eV (beyond ±{MAX_ABS_ENERGY:g} eV)")
+    if r.multiplicity < 1:
+      raise self._damaged(i, r.mol_id, f"multiplicity {r.multiplicity}")
+    if r.bonds is not None and r.bonds.size and (r.bonds.min() < 0 or r.bonds.max() >= n):
+      raise self._damaged(i, r.mol_id, f"a bond index outside its {n} atoms")
+
+  def _record(self, c, j, n, a0, n_bonds, b0, label, text) -> MoleculeRecord:
     return MoleculeRecord(
         mol_id=text("mol_id"),
         atomic_numbers=c["atomic_numbers"][a0:a0 + n].astype(np.int32),

@@ -113,18 +113,24 @@ def content_checksum(files: dict[str, dict[str, Any]]) -> str:
   return h.hexdigest()
 
 
-def map_column(path: Path, dtype: str, shape: list[int]) -> np.ndarray:
-  """Memory-maps a raw column file read-only as a plain ndarray; checks its size first."""
-  dt = np.dtype(dtype)
-  expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+def check_column_file(path: Path, dtype: str, shape: list[int]) -> int:
+  """The file's size in bytes if it is what the manifest says; StoreError naming it otherwise."""
+  expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
   try:
     size = path.stat().st_size
   except FileNotFoundError:
-    raise StoreError(f"{path}: column file is missing") from None
+    raise StoreError(f"{path}: column file is missing (the store is damaged)") from None
   if size != expected:
     raise StoreError(
         f"{path}: column file has {size} bytes, the manifest says {expected} "
-        f"({dtype} {list(shape)}): truncated or corrupt")
+        f"({dtype} {list(shape)}): truncated or corrupt (the store is damaged)")
+  return size
+
+
+def map_column(path: Path, dtype: str, shape: list[int]) -> np.ndarray:
+  """Memory-maps a raw column file read-only as a plain ndarray; checks its size first."""
+  dt = np.dtype(dtype)
+  expected = check_column_file(path, dtype, shape)
   if expected == 0:
     return np.empty(shape, dt)
   return np.asarray(np.memmap(path, dtype=dt, mode="r", shape=tuple(shape)))
