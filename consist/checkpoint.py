@@ -188,3 +188,25 @@ def load_init(workdir: str | Path, abstract: TrainState, *, with_opt: bool) -> t
       raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to initialise from")
     params, opt_state = ckpt.restore_params(step, abstract, with_opt=with_opt)
   return params, opt_state, step
+
+
+def restore_model_params(workdir: str | Path, step: int, abstract_params: Any) -> Any:
+  """The model parameters of checkpoint `step`, for inference (no optimizer state, no trainer).
+
+  Restores the EMA parameters (item "ema") when the checkpoint holds them, else item "params", into
+  `abstract_params` (ShapeDtypeStructs, with shardings). `workdir` is a run's workdir or its
+  `checkpoints` directory.
+
+  Raises:
+    FileNotFoundError: no checkpoint `step` there.
+    CheckpointMismatchError: a stored parameter is missing, extra, or of another shape / dtype.
+  """
+  root = Path(workdir).resolve()
+  step_dir = (root / "checkpoints" if (root / "checkpoints").is_dir() else root) / str(step)
+  item = "ema" if (step_dir / "ema").is_dir() else "params"
+  if not (step_dir / item).is_dir():
+    raise FileNotFoundError(f"{step_dir}: no checkpoint parameters there")
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(step_dir / item).item_metadata
+    compare_signatures(signature(stored), signature(abstract_params), str(step_dir / item), "parameter")
+    return checkpointer.restore(step_dir / item, abstract_params)

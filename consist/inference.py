@@ -4,7 +4,11 @@ Used by `launch.evaluate`, `launch.predict` and `consist.calculator`. Inference 
 and goes through the run's own shape buckets (stored with every checkpoint), so molecules of a new
 size reuse a compiled bucket instead of recompiling; a molecule larger than every bucket is an error
 naming it. Energies are returned as totals in eV: the model's energy plus the run's fitted float64
-per-element reference (`consist.data.reference`).
+per-element reference (`consist.data.reference`). Loading restores the model parameters alone (the
+EMA ones where the run keeps them; `checkpoint.restore_model_params`): no optimizer, no trainer.
+
+`TrainedModel.relax` relaxes structures on the learned energy with `consist.relax` (FIRE or L-BFGS,
+a whole bucket of molecules per compiled call).
 
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist import checkpoint, diffusion
+from consist import checkpoint, diffusion, relax
 from consist.config import Config
 from consist.data.batching import empty_batch
 from consist.data.budgets import Buckets
@@ -33,7 +37,6 @@ from consist.data.pipeline import InputPipeline
 from consist.data.record import MoleculeRecord
 from consist.data.reference import EnergyReference
 from consist.models import model as model_lib
-from consist.state import create_state, make_optimizer
 from consist.types import GraphBatch
 
 MODES = ("denoise", "ddim", "refine")
@@ -96,10 +99,12 @@ class TrainedModel:
     self.schedule = config.diffusion
     self._energy_forces = jax.jit(functools.partial(model_lib.energy_and_forces, self.model))
     self._sample = jax.jit(self._sample_graphs, static_argnames=("sampling",))
+    self._relax = relax.make_relaxer(functools.partial(model_lib.energy_and_forces, self.model))
 
   @classmethod
   def load(cls, workdir: str | Path, step: int | None = None) -> "TrainedModel":
-    """Loads the latest (or `step`'s) checkpoint of a `launch.train` workdir.
+    """Loads the latest (or `step`'s) checkpoint of a `launch.train` workdir: its model parameters
+    only (the EMA ones where the run keeps them), no optimizer state.
 
     Raises:
       FileNotFoundError: no checkpoint there (the message names the directory).
@@ -118,14 +123,12 @@ class TrainedModel:
             f"{ckpt.directory / str(step)}: the stored run config does not fit this version of consist: {e}") from e
       fidelities = meta["fidelities"]
       buckets = Buckets.from_json(meta["buckets"])
-      model = model_lib.model_for_dataset(cfg.model, fidelities)
-      tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-      example = empty_batch(buckets.budgets[0])
-      create = lambda: create_state(lambda rng, b: model_lib.init_params(model, rng, b), tx, cfg.seed, example)
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                              jax.eval_shape(create))
-      params, _ = ckpt.restore_params(step, abstract, with_opt=False)
+    model = model_lib.model_for_dataset(cfg.model, fidelities)
+    example = empty_batch(buckets.budgets[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0), example)))
+    params = checkpoint.restore_model_params(workdir, step, abstract)
     return cls(config=cfg, params=params, fidelities=fidelities, buckets=buckets,
                reference=EnergyReference.from_json(meta["energy_reference"]), workdir=workdir, step=step)
 
@@ -180,16 +183,63 @@ class TrainedModel:
     """K structures [K, n, 3] (Å) per record, in input order. Refine starts from `record.positions`."""
     out: list[np.ndarray | None] = [None] * len(records)
     key = jax.random.key(sampling.seed)
+    static = dataclasses.replace(sampling, seed=0)  # the seed enters through `key`: no recompile per seed
     done = 0
     for b, (graphs, indices) in enumerate(self._batches(records)):
       positions = np.asarray(jax.device_get(self._sample(self.params, graphs, jax.random.fold_in(key, b),
-                                                         sampling)), np.float64)
+                                                         static)), np.float64)
       for i, nodes in zip(indices, graph_slices(graphs)):
         out[i] = positions[:, nodes]
       done += len(indices)
       if progress is not None:
         progress(done, len(records))
     return out
+
+
+  # --- relaxation on the learned energy ---
+  def relax(self, records: Sequence[MoleculeRecord], settings: relax.RelaxSettings = relax.RelaxSettings(),
+            progress: Progress | None = None) -> list["Relaxed"]:
+    """Each record's positions relaxed on the learned energy (`consist.relax`, batched through the
+    run's shape buckets: one compilation per bucket and settings), in input order. Energies are
+    totals at the record's `label_fidelity` as in `energy_and_forces`."""
+    out: list[Relaxed | None] = [None] * len(records)
+    done = 0
+    for graphs, indices in self._batches(records):
+      result = jax.device_get(self._relax(self.params, graphs, graphs.positions, settings=settings))
+      for g, (i, nodes) in enumerate(zip(indices, graph_slices(graphs))):
+        steps = int(result.steps[g])
+        out[i] = Relaxed(
+            positions=np.asarray(result.positions[nodes], np.float64),
+            energy=float(result.energy[g]) + self._reference_energy(records[i]),
+            forces=np.asarray(result.forces[nodes], np.float64), fmax=float(result.fmax[g]), steps=steps,
+            converged=bool(result.converged[g]),
+            trajectory=(None if result.trajectory is None
+                        else np.asarray(result.trajectory[:steps + 1, nodes], np.float64)))
+      done += len(indices)
+      if progress is not None:
+        progress(done, len(records))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaxed:
+  """One molecule relaxed on the learned energy.
+
+  Attributes:
+    positions: [n, 3] Å final structure.
+    energy: total energy there, eV; forces: [n, 3] eV/Å there.
+    fmax: max atomic force there, eV/Å; converged: fmax < the settings' fmax.
+    steps: optimiser steps the molecule moved (the step limit if it did not converge).
+    trajectory: [steps + 1, n, 3] Å, start to end, when the settings ask for it.
+  """
+
+  positions: np.ndarray
+  energy: float
+  forces: np.ndarray
+  fmax: float
+  steps: int
+  converged: bool
+  trajectory: np.ndarray | None = None
 
 
 class CheckpointError(ValueError):
