@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -203,7 +205,9 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
   create = lambda: create_state(task.init_fn, tx, cfg.seed, example)
   abstract = _abstract(create, mesh)
   meta = {"config": cfg.to_dict(), "buckets": buckets.to_json(), "energy_reference": reference.to_json(),
-          "fidelities": fidelities, "dataset": data_path}
+          "fidelities": fidelities, "dataset": data_path,
+          # Charges / multiplicities the model saw: predict refuses others (consist.predict.molecules).
+          "coverage": train_store.coverage()}
   if latest is not None:
     state, data_state, _ = ckpt.restore(latest, abstract)
     if "init_from" in stored_meta:
@@ -223,6 +227,7 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
 
   loop = _Loop(cfg, workdir, mesh, task, tx, schedule, ckpt, meta, train_pipe, val_pipe,
                start_step=int(jax.device_get(state.step)))
+  loop.resumed = latest is not None
   try:
     return loop.run(state, data_state, t_start)
   finally:
@@ -235,6 +240,9 @@ class _Loop:
   def __init__(self, cfg: Config, workdir: Path, mesh, task: Task, tx, schedule, ckpt: checkpoint.Checkpointer,
                meta: dict, train_pipe: InputPipeline, val_pipe: InputPipeline | None, start_step: int):
     self.cfg, self.mesh, self.ckpt, self.meta = cfg, mesh, ckpt, meta
+    self.workdir = workdir
+    self.resumed = False
+    self.interrupted = False  # Ctrl-C (SIGINT): saved and stopped like a SIGTERM
     self.train_pipe, self.val_pipe = train_pipe, val_pipe
     self.train_step = parallel.make_train_step(task.loss_fn, tx, schedule, mesh)
     self.eval_step = parallel.make_eval_step(task.metrics_fn, mesh)
@@ -280,8 +288,36 @@ class _Loop:
     step = int(jax.device_get(state.step))
     it = self.train_pipe.train_iterator(data_state)
     self.ckpt.install_sigterm_handler()
-    self.logger.message(f"training stage {cfg.stage} from step {step} to {cfg.steps} on {jax.device_count()} "
-                        f"devices ({jax.process_count()} processes), buckets {self.train_pipe.buckets.to_json()}")
+    if self.resumed and step >= cfg.steps:
+      self.logger.message(f"the run in {self.workdir} is already complete (step {step} of {cfg.steps}); nothing "
+                          "to do: raise --config.train.steps to train on, or give a new --workdir")
+    elif self.resumed:
+      self.logger.message(f"resuming from the checkpoint of step {step} in {self.workdir}")
+    if step < cfg.steps:
+      self.logger.message(f"training stage {cfg.stage} from step {step} to {cfg.steps} on {jax.device_count()} "
+                          f"devices ({jax.process_count()} processes), buckets {self.train_pipe.buckets.to_json()}")
+    installed, previous_sigint = self._install_sigint_handler()
+    try:
+      return self._run(state, it, step, t_start)
+    finally:
+      if installed:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous_sigint is None else previous_sigint)
+
+  def _install_sigint_handler(self):
+    """Single process, main thread: the first Ctrl-C stops the run like a SIGTERM (checkpoint, then
+    return); a second one interrupts at once. Returns (installed, the previous handler)."""
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+      return False, None
+
+    def handler(signum, frame):
+      del signum, frame
+      self.interrupted = True
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return True, signal.signal(signal.SIGINT, handler)
+
+  def _run(self, state: TrainState, it, step: int, t_start: float) -> dict[str, Any]:
+    cfg = self.cfg.train
     pending = None
     preempted = False
     graphs = atoms = slots = 0  # of steps that did not compile (steady-state throughput)
@@ -300,7 +336,7 @@ class _Loop:
       if pending is not None:
         self._handle(*pending)
       pending = (step, metrics)
-      preempted = self.ckpt.preempted(step)
+      preempted = self.ckpt.preempted(step) or self.interrupted
       if preempted or step % cfg.ckpt_every == 0 or step == cfg.steps:
         self._handle(*pending)
         pending = None
@@ -313,10 +349,14 @@ class _Loop:
     self.ckpt.wait()
     wall = time.perf_counter() - t_loop
     steady = wall - compile_s - self.eval_s
-    if preempted:
+    if self.interrupted:
+      self.logger.message(f"interrupted (Ctrl-C): saved the checkpoint of step {step} in {self.workdir}; run "
+                          "the same command again to resume")
+    elif preempted:
       self.logger.message(f"preempted (SIGTERM): saved the checkpoint of step {step}; exiting cleanly")
     n_proc = jax.process_count()
-    return {"step": step, "preempted": preempted, "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
+    return {"step": step, "preempted": preempted and not self.interrupted, "interrupted": self.interrupted,
+            "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
             "train": self.last_train, "val": self.last_val, "compiles": self.train_step._cache_size(),
             "buckets": len(self.train_pipe.buckets.budgets),
             "wall_s": time.perf_counter() - t_start, "loop_s": wall, "compile_s": compile_s,

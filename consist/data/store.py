@@ -253,6 +253,17 @@ class Store:
     """Molecules, conformations, atoms, elements, label counts, fidelity tags, units."""
     return store_summary.split_summary(self._manifest, self.path)
 
+  def coverage(self) -> dict[str, list[int]]:
+    """{"charges": sorted distinct total charges, "multiplicities": sorted distinct spin
+    multiplicities} of the records (reads the two int16 columns, decodes no record)."""
+    charges, multiplicities = set(), set()
+    for s in range(len(self._shards)):
+      c = self._columns(s)
+      charges.update(np.unique(c["charge"]).tolist())
+      multiplicities.update(np.unique(c["multiplicity"]).tolist())
+    return {"charges": sorted(int(v) for v in charges),
+            "multiplicities": sorted(int(v) for v in multiplicities)}
+
   def verify(self) -> None:
     """Recomputes every column file's sha256; raises StoreError naming the first mismatch."""
     files = {s_f["path"]: s_f for s in self._manifest["shards"] for s_f in s["files"].values()}
