@@ -76,9 +76,13 @@ def check_labels(store: Store, split: str, path: str, loss: LossConfig) -> None:
           f"needs them; set {term}=0 or use a dataset with {label} labels")
 
 
-def _open_split(dataset: Dataset, split: str, path: str) -> Store:
+def _open_split(dataset: Dataset, split: str, path: str, key: str = "data") -> Store:
   if split not in dataset.splits:
-    raise ConfigError(f"data: dataset {path} has no split {split!r} (splits: {sorted(dataset.splits)})")
+    hint = ""
+    if key == "data.val_split":
+      hint = ("; write train/val/test with `python -m launch.convert ... --split_fractions 0.9,0.05,0.05`, "
+              "or train without validation: data.val_split=''")
+    raise ConfigError(f"{key}: dataset {path} has no split {split!r} (splits: {sorted(dataset.splits)}){hint}")
   return dataset[split]
 
 
@@ -167,11 +171,11 @@ def train_and_evaluate(config: Mapping[str, Any] | Config, workdir: str | Path) 
   workdir = Path(workdir)
   data_path = str(Path(cfg.data.path).resolve())
   dataset = open_dataset(cfg.data.path)
-  train_store = _open_split(dataset, cfg.data.train_split, data_path)
+  train_store = _open_split(dataset, cfg.data.train_split, data_path, "data.train_split")
   check_labels(train_store, cfg.data.train_split, data_path, stage_loss_config(cfg))
   val_store = None
   if cfg.data.val_split and cfg.train.eval_every:
-    val_store = _open_split(dataset, cfg.data.val_split, data_path)
+    val_store = _open_split(dataset, cfg.data.val_split, data_path, "data.val_split")
 
   with checkpoint.Checkpointer(workdir, keep=cfg.train.keep) as ckpt:
     return _setup_and_run(cfg, workdir, ckpt, dataset, train_store, val_store, data_path, t_start)

@@ -169,3 +169,18 @@ def test_split_flags_and_existing_output_name_the_flag(tmp_path):
   with pytest.raises(ConversionError, match=r"2 molecule group\(s\) \(2 records\) cannot fill split\(s\) \['test'\]"):
     convert_to_dataset("extxyz", two, tmp_path / "y", fidelity="x", split_fractions=(0.9, 0.05, 0.05))
   assert not (tmp_path / "y").exists()
+
+
+def test_training_on_a_single_split_conversion_says_how_to_split(tmp_path):
+  data = tmp_path / "data"
+  convert_to_dataset("extxyz", _molecules(tmp_path), data)
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/smoke.py",
+                        f"--workdir={tmp_path / 'run'}", f"--config.data.path={data}",
+                        "--config.loss.energy_weight=0", "--config.loss.forces_weight=0",
+                        "--config.loss.denoise_weight=0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  error = [l for l in out.stderr.splitlines() if "error" in l]
+  assert len(error) == 1 and error[0].startswith("launch.train: error: --config.data.val_split: ")
+  assert "no split 'val'" in error[0] and "--split_fractions" in error[0]
