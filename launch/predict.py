@@ -36,8 +36,23 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of embeddings and sampling.")
 flags.mark_flag_as_required("out")
 
 
+PROG = "launch.predict"
+
+
 def _fail(flag: str, value, message: str) -> None:
-  sys.exit(f"launch.predict: --{flag}={value}: {message}")
+  _cli.fail(PROG, f"--{flag}={value}: {message}")
+
+
+def _check_sampling_flags() -> None:
+  """The sampling flags, named as the user typed them (before the model is loaded)."""
+  if not 0.0 < _T_STAR.value <= 1.0:
+    _fail("t_star", _T_STAR.value, "must lie in (0, 1] (the noise level, as a fraction of the diffusion "
+          "time, the start structure is taken to in refine mode; e.g. 0.1)")
+  for flag in (_SAMPLES, _STEPS, _RELAX_STEPS):
+    if flag.value < 1:
+      _fail(flag.name, flag.value, "must be >= 1")
+  if _FMAX.value <= 0:
+    _fail("fmax", _FMAX.value, "must be positive (eV/Å)")
 
 
 def main(argv):
@@ -45,6 +60,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(_SMILES.value) == bool(_INPUT.value):
     raise app.UsageError("give either --smiles (repeatable) or --input FILE")
+  _check_sampling_flags()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   from consist import inference  # pylint: disable=g-import-not-at-top  (imports jax)
@@ -67,6 +83,9 @@ def main(argv):
       _fail("input", _INPUT.value, str(e))
   else:
     inputs = molecules.read_smiles(_SMILES.value)
+  if not inputs:
+    _cli.fail(PROG, f"--input={_INPUT.value}: no molecules in this file (one SMILES per line, # comments); "
+              "nothing to predict", exit_code=1)
   try:
     model = inference.load_model(_CHECKPOINT.value)
   except inference.CheckpointError as e:
@@ -79,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "launch.predict")
+  _cli.run(main, PROG)

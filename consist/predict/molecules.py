@@ -10,6 +10,7 @@ level the bundled data's structures come from) to the builder's threshold.
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,10 @@ from rdkit import Chem
 from rdkit.Chem import rdDistGeom
 
 from consist.build.molecule import molecule_seed
+from consist import checkpoint
+from consist.data.convert import extxyz, sniff
 from consist.data.convert.bonds import bonds_of, quiet_rdkit
+from consist.data.convert.report import ConversionError
 from consist.data.graph import count_edges
 from consist.data.record import MoleculeRecord, RecordError
 from consist.inference import TrainedModel
@@ -39,6 +43,10 @@ REASON_SIZE = "larger than every shape bucket"
 REASON_BONDS = "bond perception failed"
 REASON_EMBED = "embedding failed"
 REASON_MMFF = "MMFF94 start failed"
+REASON_CHARGE = "charge or multiplicity unknown to the model"
+# What a checkpoint without a recorded coverage (written before it was recorded) was trained on:
+# every consist dataset so far is neutral and closed-shell.
+DEFAULT_COVERAGE = {"charges": [0], "multiplicities": [1]}
 
 
 class InputFileError(ValueError):
@@ -73,6 +81,17 @@ class Molecule:
   @property
   def atomic_numbers(self) -> np.ndarray:
     return np.array([a.GetAtomicNum() for a in self.mol.GetAtoms()], dtype=np.int64)
+
+  @property
+  def canonical_smiles(self) -> str:
+    """RDKit's canonical SMILES of the bond graph: the same molecule written differently, or given at
+    another position of the input, gets the same seed."""
+    with quiet_rdkit():
+      return Chem.MolToSmiles(Chem.RemoveHs(self.mol, sanitize=False))
+
+  def seed(self, seed: int) -> int:
+    """This molecule's seed under the run seed `seed` (ETKDG embedding and, per molecule, sampling)."""
+    return molecule_seed(seed, self.canonical_smiles)
 
   @property
   def charge(self) -> int:
@@ -133,14 +152,22 @@ def read_input(path: str | Path) -> list[Molecule | MoleculeError]:
     InputFileError: missing file, unknown suffix, or a file that cannot be parsed at all.
   """
   path = Path(path)
+  if path.is_dir():
+    raise InputFileError(f"{path}: is a directory; give a .smi, .sdf or .xyz file")
   if path.suffix.lower() not in INPUT_SUFFIXES:
     raise InputFileError(f"{path}: unknown input format {path.suffix!r}; expected one of {INPUT_SUFFIXES}")
   if not path.is_file():
     raise InputFileError(f"{path}: no such file")
   suffix = path.suffix.lower()
+  if sniff.kind_of(path) in ("binary", "sqlite", "hdf5", "archive"):
+    raise InputFileError(f"{path}: not a text {suffix} file ({sniff.describe(path).split(': try')[0]})")
   out: list[Molecule | MoleculeError] = []
   if suffix == ".smi":
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise InputFileError(f"{path}: not a text .smi file (byte {e.start} is not UTF-8)") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
       fields = line.split(maxsplit=1)
       if not fields or fields[0].startswith("#"):
         continue
@@ -157,14 +184,39 @@ def read_input(path: str | Path) -> list[Molecule | MoleculeError]:
         else:
           out.append(from_mol(mol, mol.GetProp("_Name") if mol.GetProp("_Name").strip() else name))
   else:
+    out = _read_xyz(path)
+  return out
+
+
+def _read_xyz(path: Path) -> list[Molecule | MoleculeError]:
+  """Each frame of an (extended) XYZ file on its own: a frame that cannot be read (an unknown
+  element, a malformed line, cut short) is a MoleculeError with its index and reason; the others
+  are read."""
+  out: list[Molecule | MoleculeError] = []
+  lost = []
+  try:
+    frames = list(extxyz.split_frames(path, lambda where, reason, detail: lost.append(detail)))
+  except ConversionError as e:
+    raise InputFileError(f"{path}: cannot read as extended XYZ: {str(e).removeprefix(f'{path}: ')}") from None
+  except UnicodeDecodeError as e:
+    raise InputFileError(f"{path}: not a text .xyz file (byte {e.start} of a line is not UTF-8)") from None
+  for i, _, frame in frames:
+    name = f"{path.name}:{i + 1}"
     try:
-      frames = ase.io.read(path, index=":", format="extxyz")
-    except Exception as e:  # ase raises many types on malformed files  # pylint: disable=broad-except
-      raise InputFileError(f"{path}: cannot read as extended XYZ: {e}") from e
-    for i, atoms in enumerate(frames):
-      name = str(atoms.info.get("name", f"{path.name}:{i + 1}"))
-      out.append(_catch(lambda: from_structure(atoms.numbers, atoms.positions,
-                                               int(atoms.info.get("charge", 0)), name)))
+      atoms = ase.io.read(io.StringIO(frame), format="extxyz")
+    except KeyError as e:  # ase.symbols: unknown chemical symbol
+      out.append(MoleculeError(name, str(path), REASON_PARSE, f"frame {i + 1}: unknown element symbol {e}"))
+      continue
+    except Exception as e:  # ase raises many types on a malformed frame  # pylint: disable=broad-except
+      out.append(MoleculeError(name, str(path), REASON_PARSE, f"frame {i + 1}: cannot read as extended XYZ "
+                                                               f"({type(e).__name__}: {e})"))
+      continue
+    name = str(atoms.info.get("name", name))
+    out.append(_catch(lambda: from_structure(atoms.numbers, atoms.positions, int(atoms.info.get("charge", 0)),
+                                             name)))
+  for detail in lost:
+    name = f"{path.name}:{len(out) + 1}"
+    out.append(MoleculeError(name, str(path), REASON_PARSE, f"frame {len(out) + 1}: {detail}"))
   return out
 
 
@@ -197,9 +249,49 @@ def size_problem(model: TrainedModel, n_atoms: int, n_edges: int | None = None) 
   top = model.buckets.largest
   if n_atoms > top.n_node - 1 or (n_edges or 0) > top.n_edge:
     edges = "" if n_edges is None else f" / {n_edges} edges"
-    return (f"{n_atoms} atoms{edges}; the largest shape bucket of {model.workdir} holds "
-            f"{top.n_node - 1} atoms / {top.n_edge} edges")
+    message = (f"{n_atoms} atoms{edges}; the largest shape bucket of {model.workdir} holds "
+               f"{top.n_node - 1} atoms / {top.n_edge} edges")
+    if model.config.data.cutoff is None:
+      limit = max_atoms_all_pairs(top.n_node - 1, top.n_edge)
+      message += (f" (this model has no cutoff: its edges are all n(n-1) atom pairs, so about {limit} "
+                  "atoms at most fit)")
+    else:
+      message += f" (edges are the atom pairs within {model.config.data.cutoff} Å)"
+    return message
   return ""
+
+
+def max_atoms_all_pairs(max_nodes: int, max_edges: int) -> int:
+  """The largest n with n <= max_nodes and n(n-1) <= max_edges."""
+  n = min(max_nodes, int((1 + (1 + 4 * max_edges) ** 0.5) / 2))
+  while n > 0 and n * (n - 1) > max_edges:
+    n -= 1
+  return n
+
+
+def training_coverage(model: TrainedModel) -> dict[str, list[int]]:
+  """{"charges", "multiplicities"} of the run's training data, from its checkpoint's meta
+  (`consist.train`); a checkpoint that does not record it is taken as neutral and closed-shell."""
+  key = (str(Path(model.workdir).resolve()), model.step)
+  if key not in _COVERAGE:
+    with checkpoint.Checkpointer(model.workdir, read_only=True) as ckpt:
+      meta = ckpt.meta(model.step)
+    _COVERAGE[key] = dict(meta.get("coverage") or DEFAULT_COVERAGE)
+  return _COVERAGE[key]
+
+
+_COVERAGE: dict[tuple[str, int], dict[str, list[int]]] = {}
+
+
+def coverage_problem(model: TrainedModel, charge: int, multiplicity: int) -> str:
+  """"" if the training data had this charge and multiplicity, else what it had."""
+  coverage = training_coverage(model)
+  if charge in coverage["charges"] and multiplicity in coverage["multiplicities"]:
+    return ""
+  what = "a radical" if multiplicity > 1 and charge == 0 else "an ion" if multiplicity == 1 else "a charged radical"
+  return (f"charge {charge:+d}, multiplicity {multiplicity} ({what}); the training data of {model.workdir} "
+          f"has charges {coverage['charges']} and multiplicities {coverage['multiplicities']} only, so its "
+          "structures would be guesses")
 
 
 def check_supported(model: TrainedModel, molecule: Molecule, fidelity: str,
@@ -209,6 +301,9 @@ def check_supported(model: TrainedModel, molecule: Molecule, fidelity: str,
   problem = unknown_elements(model, molecule.atomic_numbers, fidelity)
   if problem:
     raise molecule.fail(REASON_ELEMENT, problem)
+  problem = coverage_problem(model, molecule.charge, molecule.multiplicity)
+  if problem:
+    raise molecule.fail(REASON_CHARGE, problem)
   n = molecule.mol.GetNumAtoms()
   cutoff = model.config.data.cutoff
   if record is not None:
@@ -228,7 +323,7 @@ def start_positions(molecule: Molecule, mode: str, seed: int) -> np.ndarray:
     return molecule.mol.GetConformer(0).GetPositions()
   mol = Chem.Mol(molecule.mol)
   params = rdDistGeom.ETKDGv3()
-  params.randomSeed = molecule_seed(seed, molecule.smiles)
+  params.randomSeed = molecule.seed(seed)
   with quiet_rdkit():
     ok = rdDistGeom.EmbedMolecule(mol, params) == 0
     if not ok:
@@ -259,3 +354,20 @@ def to_record(molecule: Molecule, positions: np.ndarray, fidelity: str) -> Molec
     return record.validate(molecule.name)
   except RecordError as e:
     raise molecule.fail(REASON_PARSE, str(e)) from e
+
+
+def sample_per_molecule(model: TrainedModel, prepared: Sequence[tuple[Molecule, MoleculeRecord]],
+                        sampling) -> list[np.ndarray]:
+  """K structures [K, n, 3] (Å) per (molecule, record), each molecule sampled in its own call with its
+  own seed (`Molecule.seed(sampling.seed)`, from its canonical SMILES): its structures do not depend
+  on the other inputs or on its position among them, and a molecule given twice with the same start
+  gets the same structures (computed once). Costs one padded batch per distinct molecule."""
+  done: dict[tuple[int, bytes], np.ndarray] = {}
+  out = []
+  for molecule, record in prepared:
+    seed = molecule.seed(sampling.seed)
+    key = (seed, np.asarray(record.positions, np.float64).tobytes() + record.atomic_numbers.tobytes())
+    if key not in done:
+      done[key] = model.sample([record], dataclasses.replace(sampling, seed=seed))[0]
+    out.append(done[key])
+  return out
