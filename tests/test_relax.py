@@ -1,0 +1,274 @@
+"""consist.relax: batched FIRE / L-BFGS converge per molecule, padding and converged molecules stay
+put, one compilation per bucket, minima agree with ASE BFGS on an identical energy, and relaxation
+on a learned energy (the smoke model) converges; inference loads parameters without the trainer."""
+
+import os
+import subprocess
+import sys
+
+import ase
+import ase.calculators.calculator
+import ase.optimize
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model_fixtures
+import predict_model
+from consist import checkpoint, relax, synthetic
+from consist.data.batching import Budget
+from consist.inference import TrainedModel
+from consist.predict import molecules
+
+BUDGET = Budget(64, 400, 8)
+ANISOTROPY = jnp.asarray([[1.0, 4.0, 0.25]])
+
+
+def _quadratic(params, batch, positions):
+  """Per-atom anisotropic wells around params["centre"] [N, 3] (Å), stiffness params["k"] [N] times
+  ANISOTROPY (eV/Å²), plus a quartic term: energy [G] eV, forces [N, 3] eV/Å (0 on padding)."""
+
+  def per_atom(pos):
+    d = pos - params["centre"]
+    e = 0.5 * params["k"] * jnp.sum(ANISOTROPY * d ** 2, axis=-1) + 0.05 * jnp.sum(d ** 4, axis=-1)
+    return jnp.where(batch.node_mask, e, 0.0)
+
+  forces = -jax.grad(lambda pos: jnp.sum(per_atom(pos)))(positions)
+  energy = jax.ops.segment_sum(per_atom(positions), batch.node_graph, num_segments=batch.num_graphs)
+  return energy, jnp.where(batch.node_mask[:, None], forces, 0.0)
+
+
+def _problem(seed=0, scale=0.3):
+  """(batch of the synthetic world's 6 records, quadratic params, start positions)."""
+  batch = model_fixtures.batch(model_fixtures.records(), BUDGET)
+  rng = np.random.default_rng(seed)
+  n = batch.num_nodes
+  params = {"centre": batch.positions, "k": jnp.asarray(rng.uniform(1.0, 30.0, n), jnp.float32)}
+  kick = jnp.asarray(rng.normal(scale=scale, size=(n, 3)), jnp.float32)
+  # Padding nodes start away from their (zero) well: were they relaxed, they would move.
+  start = batch.positions + jnp.where(batch.node_mask[:, None], kick, 1.0)
+  return batch, params, start
+
+
+@pytest.mark.parametrize("method", relax.METHODS)
+def test_converges_on_a_known_quadratic(method):
+  batch, params, start = _problem()
+  settings = relax.RelaxSettings(method=method, fmax=1e-3, max_steps=1000)
+  result = relax.make_relaxer(_quadratic)(params, batch, start, settings=settings)
+  real = np.asarray(batch.graph_mask)
+  assert np.asarray(result.converged)[real].all()
+  assert (np.asarray(result.fmax)[real] < 1e-3).all() and (np.asarray(result.steps)[real] > 0).all()
+  # |F| < fmax bounds the distance to the minimum by fmax / (smallest curvature 0.25 eV/Å²).
+  err = np.linalg.norm(np.asarray(result.positions - params["centre"]), axis=-1)[np.asarray(batch.node_mask)]
+  assert err.max() < 1e-3 / 0.25
+  energy0, _ = _quadratic(params, batch, start)
+  assert (np.asarray(result.energy)[real] < 1e-5 * np.asarray(energy0)[real]).all()
+  np.testing.assert_allclose(result.energy, _quadratic(params, batch, result.positions)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", relax.METHODS)
+def test_padding_never_moves_and_step_limit_is_reported(method):
+  batch, params, start = _problem(scale=0.5)
+  settings = relax.RelaxSettings(method=method, fmax=1e-4, max_steps=7, trajectory=True)
+  result = relax.make_relaxer(_quadratic)(params, batch, start, settings=settings)
+  pad_nodes, pad_graphs = ~np.asarray(batch.node_mask), ~np.asarray(batch.graph_mask)
+  traj = np.asarray(result.trajectory)
+  assert traj.shape == (8, batch.num_nodes, 3)
+  assert (traj[:, pad_nodes] == np.asarray(start)[pad_nodes]).all()
+  assert (np.asarray(result.steps)[pad_graphs] == 0).all()
+  assert not np.asarray(result.converged)[pad_graphs].any()
+  # Nobody reaches 1e-4 eV/Å in 7 steps: every real molecule is reported at the limit, unconverged.
+  real = ~pad_graphs
+  assert (np.asarray(result.steps)[real] == 7).all() and not np.asarray(result.converged)[real].any()
+  assert (np.asarray(result.fmax)[real] > 1e-4).all()
+
+
+def test_a_converged_molecule_stops_while_the_others_go_on():
+  batch, params, start = _problem()
+  # Molecule 0 starts next to its minimum; the others far from theirs.
+  first = np.asarray(batch.node_graph) == 0
+  start = jnp.where(jnp.asarray(first)[:, None], params["centre"] + 1e-3, start)
+  settings = relax.RelaxSettings(fmax=2e-3, max_steps=1000, trajectory=True)
+  result = relax.make_relaxer(_quadratic)(params, batch, start, settings=settings)
+  steps = np.asarray(result.steps)
+  assert steps[0] < steps[1:6].min()
+  traj = np.asarray(result.trajectory)
+  # After its last step molecule 0 is frozen: bit-identical positions in every later frame.
+  assert (traj[steps[0]:, first] == traj[steps[0], first]).all()
+  assert (traj[steps[0] - 1, first] != traj[steps[0], first]).any() or steps[0] == 0
+  assert int(result.loop_steps) == steps.max()
+
+
+def test_a_molecule_relaxes_the_same_alone_or_in_a_batch():
+  batch, params, start = _problem()
+  recs = model_fixtures.records()
+  alone = model_fixtures.batch(recs[2:3], Budget(16, 64, 2))
+  nodes = np.asarray(batch.node_graph) == 2
+  n = int(nodes.sum())
+  pad = lambda x, fill: jnp.concatenate([x[nodes], jnp.full((16 - n,) + x.shape[1:], fill, x.dtype)])
+  relaxer = relax.make_relaxer(_quadratic)
+  settings = relax.RelaxSettings(fmax=1e-3)
+  together = relaxer(params, batch, start, settings=settings)
+  single = relaxer({"centre": pad(params["centre"], 0.0), "k": pad(params["k"], 1.0)}, alone,
+                   pad(start, 0.0), settings=settings)
+  assert int(single.steps[0]) == int(together.steps[2])
+  np.testing.assert_allclose(single.positions[:n], together.positions[nodes], atol=1e-6)
+
+
+def test_one_compilation_per_bucket():
+  relaxer = relax.make_relaxer(_quadratic)
+  settings = relax.RelaxSettings(fmax=1e-2)
+  for seed in range(3):  # other molecules, positions and params in the same bucket
+    batch, params, start = _problem(seed=seed)
+    recs = model_fixtures.records(seed=seed)[seed:]
+    batch = model_fixtures.batch(recs, BUDGET)
+    params = {"centre": batch.positions, "k": params["k"]}
+    relaxer(params, batch, start, settings=settings)
+  assert relaxer._cache_size() == 1  # pylint: disable=protected-access
+  bigger = model_fixtures.batch(recs, Budget(72, 400, 8))
+  relaxer({"centre": bigger.positions, "k": jnp.ones(72)}, bigger, bigger.positions, settings=settings)
+  assert relaxer._cache_size() == 2  # pylint: disable=protected-access
+
+
+# --------------------------------------------------- real molecular graphs with known minima
+
+
+def _springs(params, batch, positions):
+  """The synthetic world's accurate energy (bond, angle, torsion springs + planarity on real
+  molecular graphs; a unique minimum up to rigid motion) of every graph of `batch`."""
+  energy, grad = jax.value_and_grad(
+      lambda pos: (lambda e: (jnp.sum(e), e))(synthetic.spring_energy(pos, params, batch.num_graphs)),
+      has_aux=True)(positions)
+  return energy[1], jnp.where(batch.node_mask[:, None], -grad, 0.0)
+
+
+class _SpringCalculator(ase.calculators.calculator.Calculator):
+  """ASE calculator on the same JAX function, for one molecule."""
+
+  implemented_properties = ["energy", "forces"]
+
+  def __init__(self, springs, batch):
+    super().__init__()
+    self.springs, self.batch = springs, batch
+
+  def calculate(self, atoms=None, properties=("energy",), system_changes=ase.calculators.calculator.all_changes):
+    super().calculate(atoms, properties, system_changes)
+    n = len(self.atoms)
+    pos = self.batch.positions.at[:n].set(jnp.asarray(self.atoms.positions, jnp.float32))
+    energy, forces = _springs(self.springs, self.batch, pos)
+    self.results = {"energy": float(energy[0]), "forces": np.asarray(forces[:n], np.float64)}
+
+
+def _kicked_world(seed=0, scale=0.1):
+  world = model_fixtures.world()
+  rng = np.random.default_rng(seed)
+  recs = [r.replace(positions=r.ref_positions + rng.normal(scale=scale, size=r.ref_positions.shape))
+          for r in world.equilibrium_records()]
+  return world, recs
+
+
+@pytest.mark.parametrize("method", relax.METHODS)
+def test_real_molecules_reach_their_known_minimum(method):
+  world, recs = _kicked_world()
+  batch = model_fixtures.batch(recs, BUDGET)
+  springs = jax.tree.map(jnp.asarray, world.springs_for(range(len(recs))))
+  result = relax.make_relaxer(_springs)(springs, batch, batch.positions,
+                                        settings=relax.RelaxSettings(method=method, fmax=1e-3, max_steps=2000))
+  assert np.asarray(result.converged)[:len(recs)].all()
+  positions = np.asarray(result.positions, np.float64)
+  start = 0
+  for r, mol in zip(recs, world.molecules):
+    final = positions[start:start + r.n_atoms]
+    assert synthetic.kabsch_rmsd(final, mol.accurate_minimum) < 0.01
+    assert synthetic.kabsch_rmsd(r.positions, mol.accurate_minimum) > 0.05  # it had somewhere to go
+    start += r.n_atoms
+
+
+def test_minima_agree_with_ase_bfgs_on_an_identical_energy():
+  world, recs = _kicked_world(seed=1)
+  fmax = 1e-3
+  for m, (r, mol) in enumerate(zip(recs, world.molecules)):
+    batch = model_fixtures.batch([r], Budget(16, 256, 2))
+    springs = jax.tree.map(jnp.asarray, world.springs_for([m]))
+    ours = relax.make_relaxer(_springs)(springs, batch, batch.positions,
+                                        settings=relax.RelaxSettings(fmax=fmax, max_steps=2000))
+    atoms = ase.Atoms(numbers=r.atomic_numbers, positions=r.positions)
+    atoms.calc = _SpringCalculator(springs, batch)
+    assert ase.optimize.BFGS(atoms, logfile=None).run(fmax=fmax, steps=2000) and bool(ours.converged[0])
+    final = np.asarray(ours.positions[:r.n_atoms], np.float64)
+    rmsd = np.sqrt(np.mean(np.sum((final - atoms.positions) ** 2, axis=1)))  # no alignment
+    assert rmsd < 0.01, (mol.smiles, rmsd)
+    assert float(ours.energy[0]) == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+
+
+# ------------------------------------------------------------------------ the learned energy
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  return predict_model.shared_smoke_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+  return TrainedModel.load(workdir)
+
+
+SMILES = ("CCO", "CC(=O)N", "c1ccoc1", "CC(C)O", "OC=O")
+
+
+def _records(model, seed=0):
+  out = []
+  for i, smiles in enumerate(SMILES):
+    mol = molecules.from_smiles(smiles)
+    positions = molecules.start_positions(mol, "refine", seed)
+    positions = positions + np.random.default_rng(i).normal(scale=0.05, size=positions.shape)
+    out.append(molecules.to_record(mol, positions, model.fidelities[0]))
+  return out
+
+
+def test_relaxation_on_the_learned_energy_converges_without_recompiling(model):
+  records = _records(model)
+  settings = relax.RelaxSettings(fmax=0.05, max_steps=1000)
+  before = model.energy_and_forces(records)
+  out = model.relax(records, settings)
+  for (e0, f0), r in zip(before, out):
+    assert r.converged and r.fmax < 0.05 and r.steps > 0
+    assert r.energy < e0 and np.isclose(r.fmax, np.linalg.norm(r.forces, axis=1).max(), rtol=1e-5)
+  # The reported energy and forces are the model's at the final positions.
+  again = model.energy_and_forces([rec.replace(positions=r.positions) for rec, r in zip(records, out)])
+  for (e, f), r in zip(again, out):
+    assert e == pytest.approx(r.energy, abs=1e-4) and np.allclose(f, r.forces, atol=1e-4)
+  compiled = model._relax._cache_size()  # pylint: disable=protected-access
+  model.relax(_records(model, seed=1)[::-1], settings)  # other structures, same bucket
+  assert model._relax._cache_size() == compiled  # pylint: disable=protected-access
+
+
+def test_loading_for_inference_needs_no_trainer(workdir, tmp_path):
+  code = ("import sys; import consist.inference as i; "
+          "assert 'consist.train' not in sys.modules, 'consist.train imported'; "
+          "assert not hasattr(i, 'create_state') and not hasattr(i, 'make_optimizer'); "
+          f"m = i.TrainedModel.load({str(workdir)!r}); print(m.step)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_ema_parameters_are_preferred_when_the_checkpoint_has_them(workdir, tmp_path, model):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), model.params)
+  plain = checkpoint.restore_model_params(copy, model.step, abstract)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), plain, model.params)))
+  ema = jax.tree.map(lambda x: x + 1.0, model.params)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(copy / "checkpoints" / str(model.step) / "ema", ema)
+  restored = checkpoint.restore_model_params(copy, model.step, abstract)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), restored, ema)))
+  bad = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape + (1,), x.dtype), model.params)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="parameter"):
+    checkpoint.restore_model_params(copy, model.step, bad)
