@@ -17,7 +17,7 @@ from rdkit import Chem
 from rdkit.Chem import rdDistGeom
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from consist.data.convert import ConversionError, convert_to_dataset, splits
+from consist.data.convert import ConversionError, convert_to_dataset
 from consist.data.store import open_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "convert"
@@ -142,6 +142,7 @@ def test_split_fractions_write_train_val_test_without_leaks(tmp_path, split_by):
   assert sorted(dataset.splits) == ["test", "train", "val"]
   assert report["splits"] == {n: len(dataset[n]) for n in ("train", "val", "test")}
   assert sum(report["splits"].values()) == 2 * len(SMILES) and min(report["splits"].values()) >= 2
+  from consist.data.convert import splits  # pylint: disable=g-import-not-at-top
   key = {"molecule": lambda r: r.mol_id,
          "scaffold": lambda r: MurckoScaffold.MurckoScaffoldSmiles(r.smiles) or splits.ACYCLIC}[split_by]
   seen = {}
