@@ -6,7 +6,7 @@
 
 --checkpoint defaults to the bundled pretrained model (models/pretrained). Refine mode starts from
 the input's coordinates (.sdf / .xyz) or builds a seeded ETKDG + MMFF94 structure; --relax polishes
-every structure on the learned energy (ASE BFGS). Molecules that cannot be predicted (unparsable,
+every structure on the learned energy (batched FIRE). Molecules that cannot be predicted (unparsable,
 an element the model never saw, larger than every shape bucket, embedding failure) are listed with
 their reason at the end; the exit status is non-zero only if nothing was predicted. The output file
 is written atomically, and not at all if nothing was predicted.
@@ -29,9 +29,9 @@ _MODE = flags.DEFINE_enum("mode", "refine", MODES, "Generation mode.")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule.")
 _STEPS = flags.DEFINE_integer("steps", 10, "DDIM steps (ddim, refine).")
 _T_STAR = flags.DEFINE_float("t_star", 0.1, "Noise level the start structure is taken to in refine mode, (0, 1].")
-_RELAX = flags.DEFINE_bool("relax", False, "Relax each structure on the learned energy (ASE BFGS).")
+_RELAX = flags.DEFINE_bool("relax", False, "Relax each structure on the learned energy (batched FIRE).")
 _FMAX = flags.DEFINE_float("fmax", 0.05, "--relax threshold: max atomic force, eV/Å.")
-_RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "--relax: at most this many BFGS steps.")
+_RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "--relax: at most this many FIRE steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of embeddings and sampling.")
 flags.mark_flag_as_required("out")
 

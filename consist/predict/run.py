@@ -1,29 +1,31 @@
 """Batched structure prediction for many molecules, past the ones that cannot be predicted.
 
 Per molecule: checks against the run (elements with a fitted reference energy, fits a shape bucket)
--> start structure (input coordinates, or seeded ETKDG, + MMFF94 in refine mode) -> record. Then in
-chunks of molecules: K structures each from `TrainedModel.sample` (batched through the run's shape
-buckets) and their model energies and forces; optionally each structure relaxed on the learned
-energy with ASE BFGS through `ConsistCalculator`. A molecule that fails any step is reported with
-its reason and skipped; the others are still predicted.
+-> start structure (input coordinates, or seeded ETKDG, + MMFF94 in refine mode; in parallel
+processes when many molecules need one) -> record. Then K structures per molecule from
+`TrainedModel.sample` and their model energies and forces, or, with `relax`, each structure relaxed
+on the learned energy (`consist.relax`, FIRE): both batched through the run's shape buckets, one
+compilation per bucket. A molecule that fails any step is reported with its reason and skipped; the
+others are still predicted.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import math
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence, TextIO
 
-import ase
-import ase.optimize
 import numpy as np
 
-from consist.calculator import ConsistCalculator
 from consist.inference import Sampling, TrainedModel
+from consist.relax import RelaxSettings
 from consist.predict import molecules, writers
 from consist.predict.molecules import Molecule, MoleculeError
 from consist.predict.writers import Structure
@@ -95,77 +97,108 @@ class Report:
     return "\n".join(lines)
 
 
-def _prepare(model: TrainedModel, molecule: Molecule, sampling: Sampling, fidelity: str):
-  molecules.check_supported(model, molecule, fidelity)
-  positions = molecules.start_positions(molecule, sampling.mode, sampling.seed)
-  record = molecules.to_record(molecule, positions, fidelity)
-  molecules.check_supported(model, molecule, fidelity, record)
-  return record
+# Start structures are built in worker processes when at least this many molecules need an RDKit
+# embedding (a process start costs about a second; ETKDG + MMFF94 ~20-50 ms per small molecule).
+PARALLEL_STARTS = 64
 
 
-def _relax(model: TrainedModel, structure: Structure, record, fmax: float, steps: int) -> tuple[Structure, bool]:
-  atoms = ase.Atoms(numbers=record.atomic_numbers, positions=structure.positions)
-  atoms.calc = ConsistCalculator(model, bonds=record.bonds, bond_orders=record.bond_orders,
-                                 charge=record.charge, fidelity=record.label_fidelity)
-  converged = bool(ase.optimize.BFGS(atoms, logfile=None, maxstep=0.1).run(fmax=fmax, steps=steps))
-  return dataclasses.replace(structure, positions=np.array(atoms.positions), energy=atoms.get_potential_energy(),
-                             forces=np.array(atoms.get_forces()), relaxed=True), converged
+def _start(args: tuple[Molecule, str, int]) -> np.ndarray | tuple[str, str]:
+  """Worker: start positions [n, 3] (Å), or (reason, detail) of the MoleculeError (which does not
+  pickle)."""
+  molecule, mode, seed = args
+  try:
+    return molecules.start_positions(molecule, mode, seed)
+  except MoleculeError as e:
+    return e.reason, e.detail
+
+
+def _start_positions(todo: Sequence[Molecule], sampling: Sampling, workers: int, bar: "Progress"):
+  """Start positions or (reason, detail) per molecule, in order; RDKit work in `workers` spawned
+  processes (spawn: the parent holds JAX's threads, which fork would copy in an unsafe state)."""
+  jobs = [(m, sampling.mode, sampling.seed) for m in todo]
+  if workers <= 1:
+    for job in jobs:
+      result = _start(job)
+      bar.update()
+      yield result
+    return
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    for result in pool.map(_start, jobs, chunksize=4):
+      bar.update()
+      yield result
+
+
+def _prepare(model: TrainedModel, items: Sequence[Molecule | MoleculeError], sampling: Sampling, fidelity: str,
+             workers: int, stream: TextIO | None) -> tuple[list[tuple[Molecule, object]], list[MoleculeError]]:
+  """(molecule, record) of every input that can be predicted, and the failures, in input order."""
+  failures: list[tuple[int, MoleculeError]] = []
+  checked: list[tuple[int, Molecule]] = []
+  for i, item in enumerate(items):
+    try:
+      if isinstance(item, MoleculeError):
+        raise item
+      molecules.check_supported(model, item, fidelity)
+      checked.append((i, item))
+    except MoleculeError as e:
+      failures.append((i, e))
+  needs_rdkit = sum(not m.has_coordinates for _, m in checked)
+  workers = min(workers, os.cpu_count() or 1) if needs_rdkit >= PARALLEL_STARTS else 1
+  bar = Progress("prepare", len(items), stream)
+  bar.update(len(items) - len(checked))
+  ready = []
+  for (i, molecule), start in zip(checked, _start_positions([m for _, m in checked], sampling, workers, bar)):
+    try:
+      if isinstance(start, tuple):
+        raise molecule.fail(*start)
+      record = molecules.to_record(molecule, start, fidelity)
+      molecules.check_supported(model, molecule, fidelity, record)
+      ready.append((molecule, record))
+    except MoleculeError as e:
+      failures.append((i, e))
+  return ready, [e for _, e in sorted(failures, key=lambda x: x[0])]
 
 
 def predict(model: TrainedModel, inputs: Sequence[Molecule | MoleculeError], sampling: Sampling, *,
-            relax: bool = False, fmax: float = 0.05, relax_steps: int = 500, chunk: int = 64,
+            relax: bool = False, fmax: float = 0.05, relax_steps: int = 500, workers: int = 2,
             stream: TextIO | None = None) -> Report:
   """K structures (with model energies, eV, at the run's first fidelity) per input molecule.
 
   Args:
     model: the trained model.
     inputs: molecules, or the errors of inputs that could not be read (reported as failures).
-    sampling: generation settings; chunk c samples with a seed derived from (sampling.seed, c).
-    relax: polish every structure with ASE BFGS on the learned energy to `fmax` eV/Å (at most
-      `relax_steps` steps).
-    chunk: molecules per `TrainedModel.sample` call (the progress bar's step).
+    sampling: generation settings (batch b of the run's packing samples with fold_in(seed, b)).
+    relax: polish every structure on the learned energy (`consist.relax` FIRE, batched) to `fmax`
+      eV/Å, at most `relax_steps` steps; structures that stop at the limit are counted in the report.
+    workers: processes for the RDKit start structures when many molecules need one.
     stream: progress output (default stderr).
   """
   start = time.perf_counter()
   fidelity = model.fidelities[0]
-  failures: list[MoleculeError] = []
-  ready: list[tuple[Molecule, object]] = []
-  bar = Progress("prepare", len(inputs), stream)
-  for item in inputs:
-    try:
-      if isinstance(item, MoleculeError):
-        raise item
-      ready.append((item, _prepare(model, item, sampling, fidelity)))
-    except MoleculeError as e:
-      failures.append(e)
-    bar.update()
+  ready, failures = _prepare(model, inputs, sampling, fidelity, workers, stream)
 
-  structures: list[Structure] = []
-  sources = []  # the record of each structure (bond graph, charge) for relaxation
   bar = Progress("sample", len(ready), stream)
-  for c in range(0, len(ready), chunk):
-    part = ready[c:c + chunk]
-    seed = int(np.random.SeedSequence([sampling.seed, c // chunk]).generate_state(1)[0] >> 1)
-    samples = model.sample([r for _, r in part], dataclasses.replace(sampling, seed=seed))
-    candidates = []
-    for (molecule, record), positions in zip(part, samples):
-      if not np.isfinite(positions).all():
-        failures.append(molecule.fail(REASON_NONFINITE, "the model returned NaN/inf coordinates"))
-        continue
-      candidates += [(molecule, record, k, p) for k, p in enumerate(positions)]
-    results = model.energy_and_forces([r.replace(positions=p) for _, r, _, p in candidates]) if candidates else []
-    for (molecule, record, k, p), (energy, forces) in zip(candidates, results):
-      structures.append(Structure(molecule, k, p, energy, forces, sampling.mode, relaxed=False))
-      sources.append(record)
-    bar.update(len(part))
-
+  samples = (model.sample([r for _, r in ready], sampling, progress=lambda done, _: bar.update(done - bar.done))
+             if ready else [])
+  candidates = []
+  for (molecule, record), positions in zip(ready, samples):
+    if not np.isfinite(positions).all():
+      failures.append(molecule.fail(REASON_NONFINITE, "the model returned NaN/inf coordinates"))
+      continue
+    candidates += [(molecule, record.replace(positions=p), k) for k, p in enumerate(positions)]
+  structures: list[Structure] = []
   unconverged = 0
   if relax:
-    bar = Progress("relax", len(structures), stream)
-    for i, (structure, record) in enumerate(zip(structures, sources)):
-      structures[i], converged = _relax(model, structure, record, fmax, relax_steps)
-      unconverged += not converged
-      bar.update()
+    bar = Progress("relax", len(candidates), stream)
+    results = model.relax([r for _, r, _ in candidates], RelaxSettings(fmax=fmax, max_steps=relax_steps),
+                          progress=lambda done, _: bar.update(done - bar.done))
+    for (molecule, _, k), r in zip(candidates, results):
+      structures.append(Structure(molecule, k, r.positions, r.energy, r.forces, sampling.mode, relaxed=True))
+      unconverged += not r.converged
+  else:
+    results = model.energy_and_forces([r for _, r, _ in candidates]) if candidates else []
+    for (molecule, record, k), (energy, forces) in zip(candidates, results):
+      structures.append(Structure(molecule, k, record.positions, energy, forces, sampling.mode, relaxed=False))
   overlapping = sum(_min_distance(s.positions) < OVERLAP_DISTANCE for s in structures)
   return Report(structures, failures, len(inputs), sampling, unconverged, time.perf_counter() - start,
                 overlapping)
