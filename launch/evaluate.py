@@ -5,8 +5,8 @@
 
 Every molecule of the split (its equilibrium record with a reference minimum) is predicted K times;
 the output JSON holds per-molecule values and a summary of every metric for the model and for the
-baselines (the cheap structure itself, RDKit ETKDG without relaxation), and the energy head's force
-error at the cheap structures (`consist.eval.run` documents the metrics). The accurate level runs
+baselines (the cheap structure itself, RDKit ETKDG without relaxation, the cheap structure relaxed
+on the learned energy, with its time), and the energy head's force error at the cheap structures (`consist.eval.run` documents the metrics). The accurate level runs
 in --workers single-threaded processes.
 """
 
@@ -35,7 +35,9 @@ _LEVEL = flags.DEFINE_string("level", "gfn2-xtb", "Accurate level of theory (con
 _WORKERS = flags.DEFINE_integer("workers", min(2, os.cpu_count() or 1),
                                 "Processes for the accurate level (0 = in this process).")
 _MAX_MOLECULES = flags.DEFINE_integer("max_molecules", 0, "Evenly spaced subset size (0 = all).")
-_BASELINES = flags.DEFINE_list("baselines", ["cheap", "etkdg"], "Baselines to score ('' for none).")
+_BASELINES = flags.DEFINE_list("baselines", ["cheap", "etkdg", "relax"], "Baselines to score ('' for none).")
+_RELAX_FMAX = flags.DEFINE_float("relax_fmax", 0.05, "relax baseline: FIRE to this max force, eV/Å.")
+_RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "relax baseline: at most this many FIRE steps.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON file.")
 flags.mark_flags_as_required(["workdir", "data", "out"])
 
@@ -47,20 +49,22 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   from consist.eval import run  # after flag parsing: imports jax
 
-  unknown = set(_BASELINES.value) - set(run.BASELINES) - {""}
+  known = run.BASELINES + run.MODEL_BASELINES
+  unknown = set(_BASELINES.value) - set(known) - {""}
   if unknown:
-    raise app.UsageError(f"--baselines: unknown {sorted(unknown)}; expected some of {run.BASELINES}")
+    raise app.UsageError(f"--baselines: unknown {sorted(unknown)}; expected some of {known}")
   try:
     sampling = run.Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value,
                             t_start=_T_START.value, t_star=_T_STAR.value, eta=_ETA.value,
                             seed=_SEED.value)
     settings = run.EvalSettings(level=_LEVEL.value, workers=_WORKERS.value,
                                 max_molecules=_MAX_MOLECULES.value, etkdg_seed=_SEED.value)
+    relax = run.RelaxSettings(fmax=_RELAX_FMAX.value, max_steps=_RELAX_STEPS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
     result = run.evaluate(_WORKDIR.value, _DATA.value, _SPLIT.value, sampling, settings,
-                          baselines=[b for b in _BASELINES.value if b],
+                          baselines=[b for b in _BASELINES.value if b], relax=relax,
                           meta={"command": "python -m launch.evaluate " + " ".join(sys.argv[1:])})
   except run.EvaluationError as e:
     sys.exit(f"launch.evaluate: {e}")
@@ -75,6 +79,10 @@ def main(argv):
                  "force_rms_mean", "egap_phi_mean"):
     cells = " ".join(f"{row}={_fmt(s.get(metric, {}).get('mean'))}" for row, s in rows.items())
     print(f"  {metric:22s} {cells}")
+  if "relax" in result["baselines"]:
+    r = result["baselines"]["relax"]
+    print(f"  relax baseline: {r['seconds']:.1f} s ({r['molecules_per_s']:.1f} molecules/s, compilation "
+          f"included), {len(r['failures'])} stopped at the step limit")
   if result["force_diagnostic"] is not None:
     d = result["force_diagnostic"]
     print(f"  energy-head force RMSE at the cheap structures {_fmt(d['rmse'])} eV/Å vs accurate "

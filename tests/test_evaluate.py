@@ -116,6 +116,15 @@ def test_evaluate_trained_run_reports_every_metric(trained, records):
     for metric in STRUCTURE + ACCURATE + ["egap_phi_mean", "e_phi_ref"]:
       assert all(x is not None and math.isfinite(x) for x in metrics[metric]), (name, metric)
     assert result["baselines"][name]["summary"]["rmsd_mean"]["n"] == m
+  # Relaxed on the learned energy: lower model energy than the cheap start, its time, and every
+  # molecule stopped at the step limit listed.
+  relaxed = result["baselines"]["relax"]
+  assert set(relaxed["metrics"]) == set(model) | {"relax_steps", "relax_fmax", "relax_converged"}
+  assert relaxed["seconds"] > 0 and relaxed["molecules_per_s"] > 0
+  for i, r in enumerate(records):
+    assert relaxed["metrics"]["relax_converged"][i] == 1.0 or r.mol_id in relaxed["failures"]
+    e_cheap = result["baselines"]["cheap"]["metrics"]["e_phi_pred_mean"][i]
+    assert relaxed["metrics"]["e_phi_pred_mean"][i] <= e_cheap + 1e-4
   cheap = result["baselines"]["cheap"]["metrics"]
   for i, r in enumerate(records):
     assert cheap["rmsd_mean"][i] == pytest.approx(

@@ -21,7 +21,10 @@ under `failures`), of K structures per molecule:
 Baselines (one structure per molecule, no model): "cheap", the record's own positions; "etkdg",
 RDKit ETKDGv3 embedding without any relaxation, built from the record's atoms and bond graph (atom
 order kept; stereo centres and double bonds assigned from the cheap structure so the same
-stereoisomer is embedded), seeded per molecule by (seed, mol_id).
+stereoisomer is embedded), seeded per molecule by (seed, mol_id). With a model: "relax", the cheap
+structure relaxed on the learned energy (`consist.relax` FIRE, batched; BRIEF 3: the baseline refine
+mode has to beat), with per-molecule relax_steps, relax_fmax (eV/Å) and relax_converged metrics,
+molecules stopped at the step limit listed under failures, and its wall time.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ from consist.data.store import Store, open_dataset
 from consist.eval import physics, structure
 from consist.inference import Sampling, TrainedModel
 from consist.levels import mmff
+from consist.relax import RelaxSettings
 
 BASELINES = ("cheap", "etkdg")
+MODEL_BASELINES = ("relax",)  # need the trained model
 # A predicted structure with atoms closer than MIN_DISTANCE or a bond longer than MAX_BOND (Å) is
 # "broken" (covalent bonds of organic molecules stay below ~2.2 Å; 0.5 Å is below any bond).
 MIN_DISTANCE, MAX_BOND = 0.5, 3.0
@@ -410,14 +415,43 @@ def provenance() -> dict[str, Any]:
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def relax_predictions(model: TrainedModel, records: Sequence[MoleculeRecord], relax: RelaxSettings, *,
+                      progress: Callable[[int, int], None] | None = None
+                      ) -> tuple[list[np.ndarray], dict[str, list[str]], dict[str, list[float]], float]:
+  """(structures [1, n, 3] per record, {mol_id: reasons} of molecules stopped at the step limit,
+  per-molecule {relax_steps, relax_fmax, relax_converged}, wall seconds incl. compilation) of the
+  records' own (cheap) positions relaxed on the learned energy."""
+  t0 = time.perf_counter()
+  out = model.relax(records, relax, progress=progress)
+  seconds = time.perf_counter() - t0
+  failures = {r.mol_id: [f"relaxation on the learned energy stopped at {o.steps} steps with fmax "
+                         f"{o.fmax:.3g} eV/Å > {relax.fmax}"] for r, o in zip(records, out) if not o.converged}
+  metrics = {"relax_steps": [float(o.steps) for o in out], "relax_fmax": [o.fmax for o in out],
+             "relax_converged": [float(o.converged) for o in out]}
+  return [o.positions[None] for o in out], failures, metrics, seconds
+
+
+def evaluate_relax_baseline(model: TrainedModel, records: Sequence[MoleculeRecord], settings: EvalSettings,
+                            relax: RelaxSettings = RelaxSettings(), *,
+                            show_progress: bool = True) -> tuple[Evaluation, float]:
+  """(every metric of the "relax" baseline, its relaxation wall time in s, compilation included)."""
+  preds, failures, extra, seconds = relax_predictions(
+      model, records, relax, progress=Progress("relax on the learned energy", enabled=show_progress))
+  evaluation = score_predictions(records, preds, settings, model=model, failures=failures, label="relax",
+                                 show_progress=show_progress)
+  evaluation.metrics.update(extra)
+  return evaluation, seconds
+
+
 def evaluate(workdir: str | Path, data: str | Path, split: str, sampling: Sampling,
-             settings: EvalSettings, *, baselines: Sequence[str] = BASELINES,
-             meta: dict[str, Any] | None = None, show_progress: bool = True) -> dict[str, Any]:
+             settings: EvalSettings, *, baselines: Sequence[str] = BASELINES + MODEL_BASELINES,
+             relax: RelaxSettings = RelaxSettings(), meta: dict[str, Any] | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
   """The `launch.evaluate` result: the model and the baselines on the molecules of a split.
 
   Returns a JSON-able dict: meta (provenance updated with `meta`), mol_ids, n_atoms, model
   {sampling, step, summary, metrics, failures}, force_diagnostic, baselines {name: {summary,
-  metrics, failures}}.
+  metrics, failures}; "relax" also {settings, seconds, molecules_per_s}}.
   """
   t0 = time.perf_counter()
   where = f"--data {data} --split {split}"
@@ -437,7 +471,13 @@ def evaluate(workdir: str | Path, data: str | Path, split: str, sampling: Sampli
       "force_diagnostic": None if diagnostic is None else diagnostic.to_json(),
       "baselines": {name: evaluate_baseline(records, name, settings, model=model,
                                             show_progress=show_progress).to_json()
-                    for name in baselines},
+                    for name in baselines if name in BASELINES},
   }
+  if "relax" in baselines:
+    evaluation, seconds = evaluate_relax_baseline(model, records, settings, relax,
+                                                  show_progress=show_progress)
+    out["baselines"]["relax"] = {**evaluation.to_json(), "settings": dataclasses.asdict(relax),
+                                 "seconds": round(seconds, 2),
+                                 "molecules_per_s": round(len(records) / seconds, 2)}
   out["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
   return out
