@@ -19,7 +19,8 @@ reduced to their equilibrium records with the force labels removed, and `loss.fo
 Both see the same energy labels at the equilibrium (cheap) structures.
 
 Evaluation: the final checkpoint of every arm in every mode of `modes` on `split`
-(`consist.eval.run`), and the baselines (cheap structure, ETKDG) once, under evals/. The report is
+(`consist.eval.run`), and the baselines (cheap structure, ETKDG) once, under evals/. Mode "relax" is
+the arm's own baseline: the cheap structures relaxed on its learned energy (`consist.relax`). The report is
 written by `consist.eval.report.write_report` to results/ (results.md, summary.json, PNG plots),
 plus results/results.json (every per-molecule value).
 
@@ -47,6 +48,7 @@ from consist.data.store import DatasetWriter, open_dataset
 from consist.eval import report
 from consist.eval import run as eval_run
 from consist.inference import MODES, Sampling, TrainedModel
+from consist.relax import RelaxSettings
 from consist.train import train_and_evaluate
 
 ARMS = {  # name: (consistency terms on, force data on)
@@ -56,6 +58,8 @@ ARMS = {  # name: (consistency terms on, force data on)
     "consistency+forces": (True, True),
 }
 NO_FORCE_DATA = "no_force_data"
+RELAX_MODE = "relax"  # the cheap structure relaxed on the arm's learned energy
+EVAL_MODES = MODES + (RELAX_MODE,)
 # Metrics of the tables and paired statistics (results.json keeps every per-molecule metric).
 REPORT_METRICS = ("rmsd_mean", "rmsd_heavy_mean", "rmsd_sym_mean", "rmsd_sym_min",
                   "rmsd_heavy_sym_mean", "bond_mae_mean", "dmae_mean", "energy_gap_mean",
@@ -79,7 +83,8 @@ class ReproduceConfig:
       model that has seen it, and "no force data" only concerns stage 2).
     force_weight: loss.forces_weight of runs with force data (0 without).
     split: evaluation split (records with reference minima).
-    modes: generation modes evaluated ("denoise", "ddim", "refine").
+    modes: generation modes evaluated ("denoise", "ddim", "refine"), and "relax" (the cheap
+      structure relaxed on the arm's learned energy to `relax_fmax` eV/Å, FIRE).
     samples, steps, t_start, t_star, eta: `consist.inference.Sampling` of the evaluation.
     level, workers, max_molecules: `consist.eval.run.EvalSettings`.
     eval_seed: sampling seed and ETKDG seed.
@@ -90,7 +95,7 @@ class ReproduceConfig:
   stage1_force_data: bool = False
   force_weight: float = 10.0
   split: str = "test"
-  modes: tuple[str, ...] = MODES
+  modes: tuple[str, ...] = EVAL_MODES
   samples: int = 1
   steps: int = 10
   t_start: float = 1.0
@@ -100,6 +105,7 @@ class ReproduceConfig:
   workers: int = 2
   max_molecules: int = 0
   eval_seed: int = 0
+  relax_fmax: float = 0.05
 
   @property
   def reference_arm(self) -> str:
@@ -113,9 +119,9 @@ class ReproduceConfig:
     unknown = [a for a in self.arms if a not in ARMS]
     if unknown or not self.arms:
       raise ReproduceError(f"reproduce.arms: unknown {unknown} (arms: {list(ARMS)})")
-    bad = [m for m in self.modes if m not in MODES]
+    bad = [m for m in self.modes if m not in EVAL_MODES]
     if bad or not self.modes:
-      raise ReproduceError(f"reproduce.modes: unknown {bad} (modes: {list(MODES)})")
+      raise ReproduceError(f"reproduce.modes: unknown {bad} (modes: {list(EVAL_MODES)})")
     if self.force_weight <= 0:
       raise ReproduceError(f"reproduce.force_weight: must be > 0, got {self.force_weight}")
 
@@ -325,7 +331,8 @@ class Reproduction:
     model = None
     out = {}
     for mode in self.rc.modes:
-      sampling = self.rc.sampling(mode)
+      relax = mode == RELAX_MODE
+      sampling = RelaxSettings(fmax=self.rc.relax_fmax) if relax else self.rc.sampling(mode)
       path = self.workdir / "evals" / f"seed{seed}" / arm / f"{mode}.json"
       key = {"step": step, "sampling": dataclasses.asdict(sampling), "settings": settings,
              "mol_ids": mol_ids}
@@ -336,8 +343,13 @@ class Reproduction:
       model = model or TrainedModel.load(workdir)
       self.log(f"seed{seed}/{arm}: evaluating {mode} on {len(records)} molecules")
       t0 = time.perf_counter()
-      out[mode] = eval_run.evaluate_model(model, records, sampling, self.rc.eval_settings(),
-                                          show_progress=self.show_progress)
+      if relax:
+        out[mode], seconds = eval_run.evaluate_relax_baseline(model, records, self.rc.eval_settings(), sampling,
+                                                              show_progress=self.show_progress)
+        self._timing(f"relax seed{seed}/{arm} (relaxation alone)", seconds)
+      else:
+        out[mode] = eval_run.evaluate_model(model, records, sampling, self.rc.eval_settings(),
+                                            show_progress=self.show_progress)
       _write_json(path, {"key": key, "evaluation": out[mode].to_json()})
       self._timing(f"evaluate seed{seed}/{arm}/{mode}", time.perf_counter() - t0)
     path = self.workdir / "evals" / f"seed{seed}" / arm / "force_diagnostic.json"
@@ -394,6 +406,9 @@ class Reproduction:
                      f"{rc.t_start}, refine t_star {rc.t_star}, eta {rc.eta}, seed {rc.eval_seed}"),
         "accurate level": rc.level,
     })
+    if RELAX_MODE in rc.modes:
+      out["relax"] = (f"mode relax: the cheap structure relaxed on each arm's learned energy (FIRE, "
+                      f"fmax {rc.relax_fmax} eV/Å, consist.relax)")
     if diagnostics:
       cells = [f"{arm} {np.mean([d['rmse'] for d in ds]):.4g}" for arm, ds in diagnostics.items()]
       rms = np.mean([d["rms_accurate"] for ds in diagnostics.values() for d in ds])

@@ -1,6 +1,7 @@
 """Runs the benchmark suites and writes one JSON file.
 
-  python -m launch.bench [--only data,model,train] [--quick] [--out bench.json]
+  python -m launch.bench [--only data,model,train,predict] [--quick] [--out bench.json]
+  python -m launch.bench --only predict [--workdir RUN] [--molecules 128]   # vs GFN2-xTB relaxation
 """
 
 import importlib
@@ -15,6 +16,8 @@ from consist.bench import SUITES
 _ONLY = flags.DEFINE_list("only", list(SUITES), f"Suites to run, a subset of {SUITES}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller sizes (for a smoke check of the benchmark itself).")
 _OUT = flags.DEFINE_string("out", "bench.json", "Output JSON path.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "predict suite: a trained run (default models/pretrained).")
+_MOLECULES = flags.DEFINE_integer("molecules", None, "predict suite: test-split molecules (default 128, quick 16).")
 
 
 def main(argv):
@@ -32,7 +35,8 @@ def main(argv):
   }
   for name in _ONLY.value:
     t0 = time.perf_counter()
-    result["suites"][name] = importlib.import_module(f"consist.bench.{name}").run(quick=_QUICK.value)
+    extra = {"workdir": _WORKDIR.value, "molecules": _MOLECULES.value} if name == "predict" else {}
+    result["suites"][name] = importlib.import_module(f"consist.bench.{name}").run(quick=_QUICK.value, **extra)
     result["suites"][name]["suite_wall_s"] = time.perf_counter() - t0
     print(f"[bench] {name}: done in {result['suites'][name]['suite_wall_s']:.1f} s", flush=True)
   with open(_OUT.value, "w") as f:

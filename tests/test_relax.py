@@ -185,14 +185,15 @@ def test_real_molecules_reach_their_known_minimum(method):
     start += r.n_atoms
 
 
-def test_minima_agree_with_ase_bfgs_on_an_identical_energy():
+@pytest.mark.parametrize("method", relax.METHODS)
+def test_minima_agree_with_ase_bfgs_on_an_identical_energy(method):
   world, recs = _kicked_world(seed=1)
   fmax = 1e-3
   for m, (r, mol) in enumerate(zip(recs, world.molecules)):
     batch = model_fixtures.batch([r], Budget(16, 256, 2))
     springs = jax.tree.map(jnp.asarray, world.springs_for([m]))
-    ours = relax.make_relaxer(_springs)(springs, batch, batch.positions,
-                                        settings=relax.RelaxSettings(fmax=fmax, max_steps=2000))
+    settings = relax.RelaxSettings(method=method, fmax=fmax, max_steps=2000)
+    ours = relax.make_relaxer(_springs)(springs, batch, batch.positions, settings=settings)
     atoms = ase.Atoms(numbers=r.atomic_numbers, positions=r.positions)
     atoms.calc = _SpringCalculator(springs, batch)
     assert ase.optimize.BFGS(atoms, logfile=None).run(fmax=fmax, steps=2000) and bool(ours.converged[0])
