@@ -6,8 +6,9 @@
 Every molecule of the split (its equilibrium record with a reference minimum) is predicted K times;
 the output JSON holds per-molecule values and a summary of every metric for the model and for the
 baselines (the cheap structure itself, RDKit ETKDG without relaxation, the cheap structure relaxed
-on the learned energy, with its time), and the energy head's force error at the cheap structures (`consist.eval.run` documents the metrics). The accurate level runs
-in --workers single-threaded processes.
+on the learned energy, with its time), and the energy head's force error at the cheap structures
+(`consist.eval.run` documents the metrics). The accurate level runs in --workers single-threaded
+processes.
 """
 
 import json
