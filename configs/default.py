@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(path=str(BUNDLED_DATASET), train_split="train", val_split="val", graphs_per_device=32,
                 num_buckets=3, cutoff=config_dict.placeholder(float), max_nodes=0, reference_records=50_000,
                 seed=0)
-  c.model = dict(channels=128, vector_channels=64, max_l=2, num_layers=4, num_radial=16, cutoff=6.0,
+  c.model = dict(energy=dict(channels=128, max_l_hidden=1, max_l_edge=3, num_layers=2, cutoff=6.0),
+                 trunk="separate", channels=128, vector_channels=64, max_l=2, num_layers=4, num_radial=16, cutoff=6.0,
                  radial_hidden=64, time_frequencies=16, avg_num_neighbors=12.0, prediction="x0")
   c.diffusion = dict(kind="cosine", position_scale=1.0)
   # x0 prediction with min-SNR weights: consistency gradients reach the structure head at small t

@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = dict(path="/mnt/shared/pubchemqc", train_split="train", val_split="val", graphs_per_device=64,
                 num_buckets=4, cutoff=5.0, max_nodes=0, reference_records=200_000, seed=0)
-  c.model = dict(channels=256, vector_channels=128, max_l=2, num_layers=5, num_radial=16, cutoff=5.0,
+  c.model = dict(energy=dict(channels=128, max_l_hidden=2, max_l_edge=3, num_layers=2, cutoff=5.0),
+                 trunk="separate", channels=256, vector_channels=128, max_l=2, num_layers=5, num_radial=16, cutoff=5.0,
                  radial_hidden=128, time_frequencies=16, avg_num_neighbors=20.0, prediction="x0")
   c.diffusion = dict(kind="cosine", position_scale=1.0)
   # PubChemQC has no forces: the force term is off; consistency links the energy to the structures.

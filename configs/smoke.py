@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = dict(path=str(SMOKE_DATASET), train_split="train", val_split="val", graphs_per_device=4,
                 num_buckets=1, cutoff=config_dict.placeholder(float), max_nodes=0, reference_records=1000, seed=0)
-  c.model = dict(channels=8, vector_channels=4, max_l=1, num_layers=1, num_radial=6, cutoff=5.0,
+  c.model = dict(energy=dict(channels=8, radial_hidden=(16,), readout_hidden=8), channels=8, vector_channels=4, max_l=1, num_layers=1, num_radial=6, cutoff=5.0,
                  radial_hidden=16, time_frequencies=4, avg_num_neighbors=8.0, prediction="eps")
   c.diffusion = dict(kind="cosine", position_scale=1.0)
   c.loss = dict(energy_weight=1.0, forces_weight=1.0, denoise_weight=1.0, optimality_weight=0.1,

@@ -1,11 +1,12 @@
 """Checkpoints of whole runs over orbax's CheckpointManager (V0 args API). The only module importing orbax.
 
-One checkpoint = step directory `<workdir>/checkpoints/<step>/` with four items:
+One checkpoint = step directory `<workdir>/checkpoints/<step>/` with five items:
   params  StandardSave(state.params)                                    (sharded arrays)
+  ema     StandardSave(state.ema_params)                                (sharded arrays)
   train   StandardSave({step, opt_state, rng, nonfinite_steps})          (sharded arrays)
   data    JsonSave(iterator state)                                       (continues with the next batch)
   meta    JsonSave({config, signature, ...})   signature = {"params": {path: [shape, dtype]}, "opt": ...}
-Params and the rest are separate items so a stage-2 run can take only the params of a stage-1 run.
+Params and the rest are separate items so a stage-2 run or inference can take only the (EMA) params.
 
 Restores go into an abstract, sharded target (`jax.eval_shape` of the init + shardings), so arrays come
 back already placed. Before any restore the stored signature is compared with the target's: an
@@ -86,7 +87,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=not read_only)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                       item_names=("params", "train", "data", "meta"))
+                                       item_names=("params", "ema", "train", "data", "meta"))
     self._sigterm = False
     self._previous_handler = None
 
@@ -97,6 +98,7 @@ class Checkpointer:
     meta = dict(meta, signature=state_signature(state))
     self._mngr.save(step, force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
+        ema=ocp.args.StandardSave(state.ema_params),
         train=ocp.args.StandardSave(_train_part(state)),
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)))
@@ -132,21 +134,23 @@ class Checkpointer:
     meta = self.check_compatible(step, abstract)
     out = self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
+        ema=ocp.args.StandardRestore(abstract.ema_params),
         train=ocp.args.StandardRestore(_train_part(abstract)),
         data=ocp.args.JsonRestore()))
     train = out["train"]
-    state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"],
+    state = TrainState(step=train["step"], params=out["params"], ema_params=out["ema"],
+                       opt_state=train["opt_state"],
                        rng=train["rng"], nonfinite_steps=train["nonfinite_steps"])
     return state, out["data"], meta
 
   def restore_params(self, step: int, abstract: TrainState, *, with_opt: bool) -> tuple[Any, Any]:
-    """(params, opt_state or None) of `step`, for initialising another run (stage 2 from stage 1)."""
+    """(EMA params, opt_state or None) of `step`, for initialising another run (stage 2 from 1)."""
     self.check_compatible(step, abstract, with_opt=with_opt)
-    items = {"params": ocp.args.StandardRestore(abstract.params)}
+    items = {"ema": ocp.args.StandardRestore(abstract.ema_params)}
     if with_opt:
       items["train"] = ocp.args.StandardRestore(_train_part(abstract))
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    return out["params"], out["train"]["opt_state"] if with_opt else None
+    return out["ema"], out["train"]["opt_state"] if with_opt else None
 
   # --- preemption ---
   def install_sigterm_handler(self) -> None:

@@ -70,7 +70,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with linear warmup + cosine decay and global-norm clipping (`consist.state.make_optimizer`)."""
+  """AdamW with linear warmup + cosine decay and global-norm clipping (`consist.state.make_optimizer`).
+
+  ema_decay: decay of the parameters' exponential moving average (`TrainState.ema_params`, used for
+    validation, inference and stage-2 initialisation); 0 = no averaging.
+  """
 
   learning_rate: float = 1e-3
   warmup_steps: int = 100
@@ -80,12 +84,15 @@ class OptimConfig:
   b2: float = 0.999
   eps: float = 1e-8
   clip_norm: float = 10.0  # <= 0 disables clipping
+  ema_decay: float = 0.99
 
   def check(self):
     if self.learning_rate <= 0:
       raise ConfigError(f"learning_rate: must be positive, got {self.learning_rate}")
     if self.warmup_steps < 0:
       raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from consist.state import TrainState
+from consist.state import TrainState, ema_update
 from consist.types import GraphBatch
 
 AXIS = "data"
@@ -72,13 +72,14 @@ def _mean_over_chunks(fn, params, batch: GraphBatch, step_key: jax.Array):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh) -> Callable[[TrainState, GraphBatch], tuple[TrainState, Metrics]]:
+                    mesh, ema_decay: float = 0.0) -> Callable[[TrainState, GraphBatch], tuple[TrainState, Metrics]]:
   """The jitted data-parallel update; the state argument is donated.
 
   Args:
     loss_fn: (params, one device's sub-batch, rng) -> (scalar loss, {term: scalar}).
     tx, schedule: from `consist.state.make_optimizer`.
     mesh: a 1-D mesh with axis "data".
+    ema_decay: of `state.ema_params` (`consist.state.ema_update`).
   Returns:
     step(state, batch [D, ...] sharded on "data") -> (new state, metrics). Metrics hold `loss`,
     every loss term, `grad_norm`, `lr`, `finite` (bool) and `nonfinite_term` (int32: index into
@@ -110,6 +111,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     new_state = TrainState(
         step=state.step + 1,
         params=keep(params, state.params),
+        ema_params=keep(ema_update(state.ema_params, params, ema_decay, state.step), state.ema_params),
         opt_state=keep(opt_state, state.opt_state),
         rng=state.rng,
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),

@@ -30,6 +30,8 @@ class TrainState:
   Attributes:
     step: int32 [], number of completed updates.
     params: model parameters.
+    ema_params: exponential moving average of `params` (`OptimConfig.ema_decay`); what validation,
+      checkpoints for inference and stage-2 initialisation use.
     opt_state: optax state of `make_optimizer(...)[0]`.
     rng: uint32 [2], raw key data; step t uses `fold_in(rng, t)`.
     nonfinite_steps: int32 [], updates skipped because the loss or a gradient was NaN/inf.
@@ -37,6 +39,7 @@ class TrainState:
 
   step: jax.Array
   params: Params
+  ema_params: Params
   opt_state: Any
   rng: jax.Array
   nonfinite_steps: jax.Array
@@ -81,7 +84,17 @@ def create_state(init_fn: InitFn, tx: optax.GradientTransformation, seed: int,
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
+      ema_params=params,
       opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.fold_in(key, 1)),
       nonfinite_steps=jnp.zeros((), jnp.int32),
   )
+
+
+def ema_update(ema: Params, params: Params, decay: float, step: jax.Array) -> Params:
+  """One EMA step with warm-up: the decay is min(decay, (1 + step) / (10 + step)), so early
+  averages are not dominated by the random initialisation; decay 0 returns `params`."""
+  if decay <= 0:
+    return params
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(p.dtype), ema, params)

@@ -34,6 +34,7 @@ from consist.data.reference import EnergyReference
 from consist.data.store import Dataset, Store, open_dataset
 from consist.losses.total import LossConfig, total_loss
 from consist.models import model as model_lib
+from consist.models.statistics import resolve_energy_config
 from consist.metrics_log import MetricsLogger
 from consist.state import TrainState, create_state, make_optimizer
 
@@ -114,8 +115,9 @@ def fit_reference(store: Store, fidelities: list[str], n_records: int) -> Energy
   return reference
 
 
-def init_reference(workdir: str, fidelities: list[str]) -> EnergyReference:
-  """The energy reference of the run a stage-2 run starts from (refitting would shift its targets)."""
+def init_meta(workdir: str, fidelities: list[str]) -> dict:
+  """The checkpoint meta of the run a stage-2 run starts from (its energy reference and model
+  statistics define the function its params compute: refitting would shift the targets)."""
   with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
     step = ckpt.latest_step()
     if step is None:
@@ -124,7 +126,26 @@ def init_reference(workdir: str, fidelities: list[str]) -> EnergyReference:
   if list(meta["fidelities"]) != list(fidelities):
     raise ConfigError(f"train.init_from: {workdir} was trained on fidelities {meta['fidelities']}, "
                       f"this dataset has {fidelities}")
-  return EnergyReference.from_json(meta["energy_reference"])
+  return meta
+
+
+STATISTICS_RECORDS = 2000
+
+
+def with_energy_statistics(cfg: Config, train_store: Store, reference: EnergyReference,
+                           stored_config: dict | None) -> Config:
+  """`cfg` with the energy model's data statistics (`consist.models.statistics`): those of the run
+  it continues or starts from (`stored_config`), else computed on an evenly spaced sample of at most
+  STATISTICS_RECORDS training records."""
+  energy = cfg.model.energy
+  if stored_config is not None:
+    stored = stored_config["model"]["energy"]
+    energy = dataclasses.replace(energy, **{k: stored[k] for k in ("avg_num_neighbors", "scale", "shift")})
+  else:
+    n = min(STATISTICS_RECORDS, len(train_store))
+    idx = np.unique(np.linspace(0, len(train_store) - 1, n).astype(np.int64))
+    energy = resolve_energy_config(energy, [train_store[int(i)] for i in idx], reference)
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, energy=energy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,12 +213,15 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
   if stored_meta is not None:  # resume with exactly the data layout of the checkpointed run
     buckets = Buckets.from_json(stored_meta["buckets"])
     reference = EnergyReference.from_json(stored_meta["energy_reference"])
+    stored_config = stored_meta["config"]
   else:
     buckets = make_run_buckets(cfg, stores, edges)
-    if cfg.train.init_from:  # the energy head learned residuals to the initialising run's reference
-      reference = init_reference(cfg.train.init_from, fidelities)
+    if cfg.train.init_from:  # the energy model learned residuals to the initialising run's reference
+      source = init_meta(cfg.train.init_from, fidelities)
+      reference, stored_config = EnergyReference.from_json(source["energy_reference"]), source["config"]
     else:
-      reference = fit_reference(train_store, fidelities, cfg.data.reference_records)
+      reference, stored_config = fit_reference(train_store, fidelities, cfg.data.reference_records), None
+  cfg = with_energy_statistics(cfg, train_store, reference, stored_config)
   pipe_kw = dict(fidelities=fidelities, energy_reference=reference, cutoff=cfg.data.cutoff, seed=cfg.data.seed)
   train_pipe = InputPipeline(train_store, buckets, n_edges=edges[0], **pipe_kw)  # checks molecule sizes
   val_pipe = InputPipeline(val_store, buckets, n_edges=edges[1], **pipe_kw) if val_store is not None else None
@@ -221,7 +245,8 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
     if cfg.train.init_from:
       with_opt = cfg.train.init_mode == "params+opt"
       params, opt_state, from_step = checkpoint.load_init(cfg.train.init_from, abstract, with_opt=with_opt)
-      state = state.replace(params=params, opt_state=opt_state if with_opt else state.opt_state)
+      state = state.replace(params=params, ema_params=params,
+                            opt_state=opt_state if with_opt else state.opt_state)
       meta["init_from"] = {"workdir": str(Path(cfg.train.init_from).resolve()), "step": from_step,
                            "mode": cfg.train.init_mode}
   if jax.process_index() == 0:
@@ -248,7 +273,7 @@ class _Loop:
     self.resumed = False
     self.interrupted = False  # Ctrl-C (SIGINT): saved and stopped like a SIGTERM
     self.train_pipe, self.val_pipe = train_pipe, val_pipe
-    self.train_step = parallel.make_train_step(task.loss_fn, tx, schedule, mesh)
+    self.train_step = parallel.make_train_step(task.loss_fn, tx, schedule, mesh, cfg.optim.ema_decay)
     self.eval_step = parallel.make_eval_step(task.metrics_fn, mesh)
     self.logger = MetricsLogger(workdir, total_steps=cfg.train.steps, start_step=start_step)
     self.last_train: dict[str, float] = {}
@@ -278,7 +303,7 @@ class _Loop:
     for i, host_batch in enumerate(self.val_pipe.eval_iterator()):
       if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
         break
-      metrics, count = self.eval_step(state.params, to_global(host_batch.graphs, self.mesh), rng)
+      metrics, count = self.eval_step(state.ema_params, to_global(host_batch.graphs, self.mesh), rng)
       count = float(count)
       for k, v in jax.device_get(metrics).items():
         sums[k] = sums.get(k, 0.0) + float(v) * count

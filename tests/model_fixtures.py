@@ -11,10 +11,14 @@ import numpy as np
 from consist import synthetic
 from consist.data.batching import Budget, batch_records
 from consist.models import model as model_lib
-from consist.models.config import ModelConfig
+from consist.models.config import EnergyModelConfig, ModelConfig
 
 SMILES = ("CCO", "C=CC=O", "OC=O")
-SMALL = ModelConfig(channels=8, vector_channels=4, num_layers=2, radial_hidden=16)
+# The energy model's data statistics are given (a trainer computes them from the data).
+SMALL_ENERGY = EnergyModelConfig(channels=8, radial_hidden=(16,), readout_hidden=8,
+                                 avg_num_neighbors=4.0, scale=1.0)
+SMALL = ModelConfig(energy=SMALL_ENERGY, channels=8, vector_channels=4, num_layers=2,
+                    radial_hidden=16)
 
 
 @functools.cache

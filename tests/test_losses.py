@@ -123,7 +123,7 @@ def test_consistency_gradient_routing(setup, term, form, routing):
 
   grads = jax.grad(loss)(params)
   norm = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
-  assert norm(grads["energy_head"]) == 0.0
+  assert norm(grads["energy_model"]) == 0.0
   assert norm(grads["structure_head"]) > 0.0
   assert (norm(grads["encoder"]) > 0.0) == (routing == "structure_head+encoder")
 

@@ -29,9 +29,9 @@ def _with_positions(b, positions):
   return b.replace(positions=jnp.asarray(positions, jnp.float32))
 
 
-def test_params_tree_separates_encoder_and_heads(setup):
+def test_params_tree_separates_energy_and_structure_models(setup):
   _, _, _, params, _ = setup
-  assert set(params) == {"encoder", "energy_head", "structure_head"}
+  assert set(params) == {"energy_model", "encoder", "structure_head"}
 
 
 @pytest.mark.parametrize("reflect", [False, True])
@@ -114,11 +114,11 @@ def test_reference_and_fidelity_offsets_shift_energy(setup):
   _, b, model, params, outputs = setup
   e, f, _ = outputs(params, b)
   shifted = jax.tree.map(lambda x: x, params)
-  head = dict(shifted["energy_head"])
+  head = dict(shifted["energy_model"])
   head["fidelity_offset"] = {"embedding": jnp.full_like(head["fidelity_offset"]["embedding"], 2.0)}
   ref = head["element_reference"]["embedding"]
   head["element_reference"] = {"embedding": ref.at[1].set(0.5)}  # hydrogen
-  shifted["energy_head"] = head
+  shifted["energy_model"] = head
   e2, f2, _ = outputs(shifted, b)
   n_h = jax.ops.segment_sum((b.atomic_numbers == 1).astype(jnp.float32), b.node_graph,
                             num_segments=b.num_graphs)

@@ -35,7 +35,7 @@ from consist import diffusion, synthetic
 from consist.data.batching import Budget, batch_records
 from consist.losses import total
 from consist.models import model as model_lib
-from consist.models.config import ModelConfig
+from consist.models.config import EnergyModelConfig, ModelConfig
 
 STAGE1_STEPS, STAGE2_STEPS = 3000, 300
 STAGE1_LR, STAGE2_LR, STAGE2_STRUCTURE_LR = 5e-3, 3e-3, 1e-2
@@ -92,8 +92,14 @@ def test_consistency_moves_structures_towards_accurate_minima():
   batches = jax.tree.map(lambda *x: jnp.asarray(np.stack(x)), *batches)
   eval_batch = jax.tree.map(jnp.asarray, batch_records(eq, Budget(64, 400, 8), fidelities=fidelities))
 
-  model = model_lib.Model(ModelConfig(channels=16, vector_channels=8, num_radial=16,
-                                      prediction="x0"))
+  # A small energy model; its data statistics from the training structures (all atoms of these
+  # small molecules are neighbours within the cutoff).
+  f_rms = float(np.sqrt(np.mean(np.concatenate([r.forces.ravel() for r in off]) ** 2)))
+  energy = EnergyModelConfig(channels=16, radial_hidden=(32,), readout_hidden=16,
+                             avg_num_neighbors=float(np.mean([r.n_atoms - 1 for r in eq])),
+                             scale=f_rms)
+  model = model_lib.Model(ModelConfig(energy=energy, channels=16, vector_channels=8,
+                                      num_radial=16, prediction="x0"))
   schedule = diffusion.Schedule()
   params = model_lib.init_params(model, jax.random.key(0),
                                  jax.tree.map(lambda x: x[0], batches))

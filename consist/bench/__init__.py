@@ -4,4 +4,4 @@ Numbers are wall-clock on a shared machine: compare ratios measured in one run, 
 values across runs.
 """
 
-SUITES = ("data", "model", "train", "predict")
+SUITES = ("data", "model", "train", "predict", "energy")

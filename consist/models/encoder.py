@@ -1,9 +1,9 @@
-"""The shared E(3)-equivariant encoder: message passing over a `GraphBatch` (e3nn-jax, flax.linen).
+"""The structure model's E(3)-equivariant encoder: message passing over a `GraphBatch` (e3nn-jax).
 
-Inputs per node: atom type (embedding); per edge: bond order (one-hot + value), distance (Gaussian
-radial basis) and direction (spherical harmonics up to `max_l`, `1o` in xyz order); per graph: the
-diffusion time t (sinusoidal embedding) and the task being asked (`TASK_ENERGY` or
-`TASK_STRUCTURE`), both added to the initial node scalars. Output: per-node irreps
+Inputs per node: atom type (embedding) and, with a shared trunk, the energy model's invariant node
+features; per edge: bond order (one-hot + value), distance (Gaussian radial basis) and direction
+(spherical harmonics up to `max_l`, `1o` in xyz order); per graph: the diffusion time t (sinusoidal
+embedding), added to the initial node scalars. Output: per-node irreps
 `channels x 0e + vector_channels x (1o + 2e + ...)`.
 
 Padding: padding edges have length exactly 0 and padding nodes sit at the origin. Distances use a
@@ -22,8 +22,6 @@ from consist.data.record import MAX_Z
 from consist.models.config import ModelConfig
 from consist.types import GraphBatch
 
-TASK_ENERGY = 0
-TASK_STRUCTURE = 1
 # Bond-order categories of `GraphBatch.bond_order` (0 = not bonded, 1.5 = aromatic).
 BOND_ORDERS = (0.0, 1.0, 1.5, 2.0, 3.0)
 
@@ -115,23 +113,23 @@ class Interaction(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Shared encoder. Call with (batch, positions [N, 3] Å, t [G], task int)."""
+  """Call with (batch, positions [N, 3] Å, t [G], optional extra node scalars [N, F])."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array,
-               task: int) -> e3nn.IrrepsArray:
+               node_features: jax.Array | None = None) -> e3nn.IrrepsArray:
     cfg = self.config
     dtype = positions_N3.dtype
-    # Node scalars: atom type + (time, task) conditioning of the node's graph.
-    h = nn.Embed(MAX_Z + 1, cfg.channels, name="atom_embedding")(batch.atomic_numbers)
+    # Node scalars: atom type (+ projected extra features) + time conditioning of the node's graph.
+    h = nn.Embed(MAX_Z + 1, cfg.channels, name="atom_embedding")(batch.atomic_numbers).astype(dtype)
+    if node_features is not None:
+      h = h + nn.Dense(cfg.channels, name="node_features")(node_features.astype(dtype))
     cond = e3nn.flax.MultiLayerPerceptron((cfg.channels, cfg.channels), act=jax.nn.silu,
                                           output_activation=False, name="time_mlp")(
         time_embedding(t_G.astype(dtype), cfg.time_frequencies))
-    cond = cond + nn.Embed(2, cfg.channels, name="task_embedding")(
-        jnp.full(t_G.shape, task, jnp.int32))
-    h = h.astype(dtype) + cond[batch.node_graph].astype(dtype)
+    h = h + cond[batch.node_graph].astype(dtype)
     x = e3nn.IrrepsArray(f"{cfg.channels}x0e", h)
 
     sh, edge_scalars, edge_weight = edge_features(cfg, batch, positions_N3)

@@ -1,4 +1,4 @@
-"""Energy head (invariant, per-atom sum) and structure head (equivariant per-atom 1o vector)."""
+"""The structure head (equivariant per-atom 1o vector) and per-graph reductions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from consist.data.record import MAX_Z
 from consist.models.config import ModelConfig
 from consist.models.encoder import Interaction, edge_features, gated_irreps, hidden_irreps
 from consist.types import GraphBatch
@@ -25,30 +24,6 @@ def remove_mean(vectors_N3: jax.Array, batch: GraphBatch) -> jax.Array:
   counts = jnp.maximum(segment_sum_graphs(jnp.ones_like(vectors_N3[:, 0]), batch), 1.0)
   means = segment_sum_graphs(vectors_N3, batch) / counts[:, None]
   return jnp.where(batch.node_mask[:, None], vectors_N3 - means[batch.node_graph], 0.0)
-
-
-class EnergyHead(nn.Module):
-  """E [G], eV = sum over real atoms of (MLP(scalars) + element reference) + fidelity offset.
-
-  The element references and fidelity offsets start at zero: the dataset's fitted float64 reference
-  is already subtracted from `GraphBatch.energy`; these learn what remains.
-  """
-
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, batch: GraphBatch, features: e3nn.IrrepsArray) -> jax.Array:
-    cfg = self.config
-    scalars = features.filter(keep=["0e"]).array
-    atom_energy = e3nn.flax.MultiLayerPerceptron((cfg.channels, 1), act=jax.nn.silu,
-                                                 output_activation=False, name="mlp")(scalars)
-    element_ref = nn.Embed(MAX_Z + 1, 1, embedding_init=nn.initializers.zeros,
-                           name="element_reference")(batch.atomic_numbers)
-    atom_energy = (atom_energy + element_ref.astype(atom_energy.dtype))[:, 0]
-    fidelity_offset = nn.Embed(cfg.num_fidelities, 1, embedding_init=nn.initializers.zeros,
-                               name="fidelity_offset")(batch.fidelity)[:, 0]
-    energy = segment_sum_graphs(atom_energy, batch) + fidelity_offset.astype(atom_energy.dtype)
-    return jnp.where(batch.graph_mask, energy, 0.0)
 
 
 class StructureHead(nn.Module):

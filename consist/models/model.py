@@ -1,8 +1,9 @@
-"""`Model`: shared encoder + energy head + structure head, and pure functions over its params.
+"""`Model`: the energy model + the structure model (encoder + head), and pure functions over params.
 
-The params tree is `{"encoder": ..., "energy_head": ..., "structure_head": ...}`, so losses can
-route gradients by subtree (`consist.losses.total`). Energy queries run the encoder at t = 0 with
-the "energy" task; structure queries at the diffusion time with the "structure" task.
+The params tree is `{"energy_model": ..., "encoder": ..., "structure_head": ...}`, so losses can
+route gradients by subtree (`consist.losses.total`). The energy model (`consist.models.mace.MACE`)
+does not depend on the diffusion time; the structure encoder is conditioned on it and, with
+`ModelConfig.trunk == "shared"`, also reads the energy model's node features.
 """
 
 from __future__ import annotations
@@ -15,29 +16,32 @@ import jax
 import jax.numpy as jnp
 
 from consist.models.config import ModelConfig
-from consist.models.encoder import TASK_ENERGY, TASK_STRUCTURE, Encoder
-from consist.models.heads import EnergyHead, StructureHead
+from consist.models.encoder import Encoder
+from consist.models.heads import StructureHead
+from consist.models.mace import MACE
 from consist.types import GraphBatch
 
-PARAM_SUBTREES = ("encoder", "energy_head", "structure_head")
+PARAM_SUBTREES = ("energy_model", "encoder", "structure_head")
 
 
 class Model(nn.Module):
   config: ModelConfig
 
   def setup(self):
+    self.energy_model = MACE(self.config.energy, self.config.num_fidelities)
     self.encoder = Encoder(self.config)
-    self.energy_head = EnergyHead(self.config)
     self.structure_head = StructureHead(self.config)
 
   def energy(self, batch: GraphBatch, positions_N3: jax.Array) -> jax.Array:
-    """Energy [G], eV (0 on padding graphs)."""
-    t_G = jnp.zeros(batch.graph_mask.shape, positions_N3.dtype)
-    return self.energy_head(batch, self.encoder(batch, positions_N3, t_G, TASK_ENERGY))
+    """Energy [G], eV relative to the dataset's reference (0 on padding graphs)."""
+    return self.energy_model(batch, positions_N3)
 
   def structure(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array) -> jax.Array:
     """Raw structure-head output [N, 3] at (noisy) positions in Å and diffusion time t [G]."""
-    return self.structure_head(batch, self.encoder(batch, positions_N3, t_G, TASK_STRUCTURE),
+    shared = None
+    if self.config.trunk == "shared":
+      shared = self.energy_model.features(batch, positions_N3)
+    return self.structure_head(batch, self.encoder(batch, positions_N3, t_G, shared),
                                positions_N3)
 
   def __call__(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array):
@@ -54,6 +58,7 @@ def init_params(model: Model, rng: jax.Array, batch: GraphBatch) -> dict:
   positions = jnp.asarray(batch.positions)
   t_G = jnp.zeros(batch.graph_mask.shape, positions.dtype)
   return model.init(rng, batch, positions, t_G)["params"]
+
 
 
 def energy(model: Model, params: dict, batch: GraphBatch, positions_N3: jax.Array) -> jax.Array:
