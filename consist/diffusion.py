@@ -84,9 +84,26 @@ def to_scaled(positions_N3: jax.Array, batch: GraphBatch, schedule: Schedule) ->
   return remove_mean(positions_N3, batch) / schedule.position_scale
 
 
+def split_keys(rng: jax.Array, n: int) -> jax.Array:
+  """n keys from one key ([] -> [n]) or from one key per graph ([G] -> [n, G])."""
+  if rng.ndim == 0:
+    return jax.random.split(rng, n)
+  return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, n))(rng), 0, 1)
+
+
 def centered_noise(rng: jax.Array, batch: GraphBatch, dtype=jnp.float32) -> jax.Array:
-  """Standard Gaussian [N, 3] projected to zero centroid per graph; 0 on padding nodes."""
-  return remove_mean(jax.random.normal(rng, (batch.num_nodes, 3), dtype), batch)
+  """Standard Gaussian [N, 3] projected to zero centroid per graph; 0 on padding nodes.
+
+  `rng` is one key, or one key per graph [G]: then a graph's noise depends only on its own key
+  and atoms, not on the other graphs of the batch or its place among them.
+  """
+  if rng.ndim == 0:
+    return remove_mean(jax.random.normal(rng, (batch.num_nodes, 3), dtype), batch)
+  first_node = jnp.cumsum(batch.n_node) - batch.n_node
+  local = jnp.arange(batch.num_nodes) - first_node[batch.node_graph]
+  node_keys = jax.vmap(jax.random.fold_in)(rng[batch.node_graph], local)
+  noise = jax.vmap(lambda k: jax.random.normal(k, (3,), dtype))(node_keys)
+  return remove_mean(noise, batch)
 
 
 def add_noise(x0: jax.Array, eps: jax.Array, t_G: jax.Array, batch: GraphBatch,
@@ -161,7 +178,7 @@ def sample_ddim(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: j
   Returns the x0 prediction of the last step (t_1 -> 0) as positions [N, 3] in Å (centred, or
   with the centroid of `init_positions`).
   """
-  start_rng, step_rng = jax.random.split(rng)
+  start_rng, step_rng = split_keys(rng, 2)
   x, _ = _start(start_rng, batch, schedule, t_start, init_positions, dtype)
   times = t_start * (1.0 - jnp.arange(num_steps + 1, dtype=dtype) / num_steps)
 
@@ -169,7 +186,7 @@ def sample_ddim(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: j
     t, s, key = inputs
     return ddim_step(eps_fn, x, t, s, batch, schedule, key, eta=eta)
 
-  keys = jax.random.split(step_rng, num_steps)
+  keys = split_keys(step_rng, num_steps)
   _, x0_predictions = jax.lax.scan(step, x, (times[:-1], times[1:], keys))
   return _finish(x0_predictions[-1], batch, schedule, init_positions)
 
@@ -197,5 +214,6 @@ def refine(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: jax.Ar
 
 
 def sample_k(sampler: Callable[[jax.Array], jax.Array], rng: jax.Array, k: int) -> jax.Array:
-  """K samples [K, N, 3] in one batched call: `sampler(key) -> [N, 3]` vmapped over K keys."""
-  return jax.vmap(sampler)(jax.random.split(rng, k))
+  """K samples [K, N, 3] in one batched call: `sampler(key) -> [N, 3]` vmapped over K keys
+  (`rng` one key, or one per graph: see `centered_noise`)."""
+  return jax.vmap(sampler)(split_keys(rng, k))

@@ -166,7 +166,8 @@ class TrainedModel:
     return out
 
   # --- structures ---
-  def _sample_graphs(self, params, graphs: GraphBatch, key: jax.Array, sampling: Sampling) -> jax.Array:
+  def _sample_graphs(self, params, graphs: GraphBatch, seeds_G: jax.Array, sampling: Sampling) -> jax.Array:
+    key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), seeds_G)  # one per graph
     eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule)
     if sampling.mode == "denoise":
       sampler = lambda k: diffusion.sample_one_step(eps_fn, graphs, self.schedule, k, t_start=sampling.t_start)
@@ -179,22 +180,30 @@ class TrainedModel:
     return diffusion.sample_k(sampler, key, sampling.samples)
 
   def sample(self, records: Sequence[MoleculeRecord], sampling: Sampling,
-             progress: Progress | None = None) -> list[np.ndarray]:
-    """K structures [K, n, 3] (Å) per record, in input order. Refine starts from `record.positions`."""
+             progress: Progress | None = None, seeds: Sequence[int] | None = None) -> list[np.ndarray]:
+    """K structures [K, n, 3] (Å) per record, in input order. Refine starts from `record.positions`.
+
+    Each record's noise comes from its own key, key(seeds[i]) (seeds < 2**32): its structures do
+    not depend on the other records or on how they are batched. Default seeds: (sampling.seed, i).
+    """
+    if seeds is None:
+      seeds = [(sampling.seed * 2654435761 + i) % 2**32 for i in range(len(records))]
+    if len(seeds) != len(records):
+      raise ValueError(f"sample: {len(seeds)} seeds for {len(records)} records")
     out: list[np.ndarray | None] = [None] * len(records)
-    key = jax.random.key(sampling.seed)
-    static = dataclasses.replace(sampling, seed=0)  # the seed enters through `key`: no recompile per seed
+    static = dataclasses.replace(sampling, seed=0)  # seeds enter as an array: no recompile per seed
     done = 0
-    for b, (graphs, indices) in enumerate(self._batches(records)):
-      positions = np.asarray(jax.device_get(self._sample(self.params, graphs, jax.random.fold_in(key, b),
-                                                         static)), np.float64)
+    for graphs, indices in self._batches(records):
+      graph_seeds = np.zeros(graphs.num_graphs, np.uint32)
+      graph_seeds[:len(indices)] = [seeds[i] for i in indices]
+      positions = np.asarray(jax.device_get(self._sample(self.params, graphs, graph_seeds, static)),
+                             np.float64)
       for i, nodes in zip(indices, graph_slices(graphs)):
         out[i] = positions[:, nodes]
       done += len(indices)
       if progress is not None:
         progress(done, len(records))
     return out
-
 
   # --- relaxation on the learned energy ---
   def relax(self, records: Sequence[MoleculeRecord], settings: relax.RelaxSettings = relax.RelaxSettings(),

@@ -35,6 +35,8 @@ LossFn = Callable[[Any, GraphBatch, jax.Array], tuple[jax.Array, Metrics]]
 MetricsFn = Callable[[Any, GraphBatch, jax.Array], Metrics]
 # `nonfinite_term` value when the loss and every metric are finite but a gradient is not.
 NONFINITE_IN_GRADIENTS = -1
+# `nonfinite_term` value when every term is finite but their weighted sum (the loss) is not.
+NONFINITE_IN_LOSS = -3
 # Metrics the train step adds to the loss function's terms.
 STEP_KEYS = ("loss", "grad_norm", "lr", "finite", "nonfinite_term")
 
@@ -83,7 +85,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
   Returns:
     step(state, batch [D, ...] sharded on "data") -> (new state, metrics). Metrics hold `loss`,
     every loss term, `grad_norm`, `lr`, `finite` (bool) and `nonfinite_term` (int32: index into
-    sorted loss-term names of the first non-finite one, or NONFINITE_IN_GRADIENTS; -2 when finite).
+    sorted loss-term names of the first non-finite one, NONFINITE_IN_LOSS when only the weighted sum
+    overflowed, or NONFINITE_IN_GRADIENTS; -2 when finite).
     A non-finite step leaves params and optimizer state unchanged and increments
     `state.nonfinite_steps` (the caller decides whether to stop).
   """
@@ -105,8 +108,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     grads_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     finite = jnp.all(term_ok) & grads_ok
     first_bad = jnp.argmin(term_ok[1:]) if names else jnp.int32(0)
-    nonfinite_term = jnp.where(finite, -2, jnp.where(jnp.all(term_ok[1:]), NONFINITE_IN_GRADIENTS,
-                                                     first_bad)).astype(jnp.int32)
+    all_terms_ok = jnp.all(term_ok[1:])
+    nonfinite_term = jnp.where(
+        finite, -2, jnp.where(all_terms_ok, jnp.where(term_ok[0], NONFINITE_IN_GRADIENTS, NONFINITE_IN_LOSS),
+                              first_bad)).astype(jnp.int32)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(
         step=state.step + 1,
@@ -129,6 +134,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 def nonfinite_term_name(metrics: Metrics) -> str:
   """Name of the loss term a non-finite train step blames (`metrics` of `make_train_step`)."""
   code = int(metrics["nonfinite_term"])
+  if code == NONFINITE_IN_LOSS:
+    return "loss"
   if code == NONFINITE_IN_GRADIENTS:
     return "gradients"
   names = sorted(k for k in metrics if k not in STEP_KEYS)

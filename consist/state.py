@@ -97,4 +97,5 @@ def ema_update(ema: Params, params: Params, decay: float, step: jax.Array) -> Pa
   if decay <= 0:
     return params
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(p.dtype), ema, params)
+  # e + (1 - d)(p - e): exactly e where p == e (frozen parameters stay bitwise frozen).
+  return jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(p.dtype), ema, params)

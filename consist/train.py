@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 import ase.data
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from consist import checkpoint, parallel
@@ -245,7 +246,8 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
     if cfg.train.init_from:
       with_opt = cfg.train.init_mode == "params+opt"
       params, opt_state, from_step = checkpoint.load_init(cfg.train.init_from, abstract, with_opt=with_opt)
-      state = state.replace(params=params, ema_params=params,
+      # The EMA starts at the initial params, in buffers of its own (the step donates both).
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                             opt_state=opt_state if with_opt else state.opt_state)
       meta["init_from"] = {"workdir": str(Path(cfg.train.init_from).resolve()), "step": from_step,
                            "mode": cfg.train.init_mode}

@@ -20,10 +20,13 @@ def smoke_config(steps: int):
   c.data.path = str(SMOKE_DATASET)
   c.data.num_buckets = 2
   c.train.update(steps=steps, eval_every=0, ckpt_every=steps, log_every=steps)
+  # Enough training that the energy model's forces have the scale of the labels (an untrained
+  # MACE-class model's forces are ~0.02 eV/Å): relaxation and force-sign tests need them.
+  c.optim.update(learning_rate=1e-2, warmup_steps=2)
   return c
 
 
-def train_smoke_model(workdir: Path, steps: int = 6) -> Path:
+def train_smoke_model(workdir: Path, steps: int = 40) -> Path:
   """Trains the smoke config on data/smoke for `steps` steps into `workdir`; returns it."""
   train_and_evaluate(smoke_config(steps), workdir)
   return workdir

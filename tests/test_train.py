@@ -41,7 +41,19 @@ def _lines(workdir):
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6", "pretrained"])
+def test_pretrained_and_energy_configs_train_the_two_models_apart():
+  energy = Config.from_config_dict(load_config("energy"))
+  assert energy.loss.denoise_weight == 0 and energy.loss.energy_weight > 0 and energy.loss.forces_weight > 0
+  first = Config.from_config_dict(load_config("pretrained"))
+  assert first.model.energy == energy.model.energy and first.loss == energy.loss
+  second = Config.from_config_dict(load_config("pretrained", "structure"))
+  assert second.train.stage == 2 and second.model.energy == energy.model.energy
+  assert second.loss.energy_weight == 0 and second.loss.forces_weight == 0 and second.loss.denoise_weight > 0
+  assert not second.loss.has_consistency and second.data.cutoff is None
+  assert second.model.trunk == "separate"  # so run 2 cannot change run 1's energy model
+
+
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6"])
 def test_configs_build(name):
   for arg in (None, "stage2", "baseline"):
     cfg = Config.from_config_dict(load_config(name, arg))
@@ -154,11 +166,14 @@ def test_stage2_from_stage1_and_baseline(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_and_term_or_is_skipped(tmp_path):
-  """A 1e25 eV label overflows the float32 energy MSE in the steps whose batch holds it."""
+  """A 1e9 eV label (the largest a store accepts: a 1e25 one is refused on read) under energy
+  weight 1e25: the weighted float32 loss overflows in the steps whose batch holds it, while each
+  term stays finite, so the step names the loss."""
   data = train_toy.write_synthetic_dataset(tmp_path / "outlier", energy_outlier=20)
   c = smoke(data, steps=12, log_every=1, eval_every=0, ckpt_every=100)
   c.data.reference_records = 10  # records 0, 4, 9, 13, 18, 22, ... : the outlier stays an outlier
-  with pytest.raises(NonFiniteError, match=r"step \d+: non-finite 'energy_mse'"):
+  c.loss.energy_weight = 1e25  # (1e9 eV / 9 atoms)^2 * 1e25 > float32 max; ~1 eV^2 * 1e25 is not
+  with pytest.raises(NonFiniteError, match=r"step \d+: non-finite 'loss'"):
     train_and_evaluate(c, tmp_path / "stop")
   c.train.on_nonfinite = "skip"
   out = train_and_evaluate(c, tmp_path / "skip")

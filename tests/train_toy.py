@@ -126,8 +126,8 @@ def write_synthetic_dataset(path, *, per_molecule: int = 6, forces: bool = True,
                             energy_outlier: int | None = None) -> str:
   """A small dataset of the synthetic world (consist.synthetic) through the real DatasetWriter:
   train = cheap minima + off-equilibrium kicks, val = cheap minima (+ kicks of another seed).
-  `energy_outlier`: index of a train record whose energy becomes 1e25 eV (finite, valid, but its
-  squared error overflows float32: a real source of a non-finite loss)."""
+  `energy_outlier`: index of a train record whose energy becomes 1e9 eV (the largest the store
+  accepts: finite, but its squared error times a large weight overflows float32)."""
   from consist import synthetic  # noqa: PLC0415  (RDKit embedding; only the trainer tests need it)
   from consist.data.store import DatasetWriter  # noqa: PLC0415
 
@@ -136,7 +136,7 @@ def write_synthetic_dataset(path, *, per_molecule: int = 6, forces: bool = True,
   train = world.equilibrium_records() + world.off_equilibrium_records(per_molecule, rng)
   val = world.equilibrium_records() + world.off_equilibrium_records(1, np.random.default_rng(seed + 1))
   if energy_outlier is not None:
-    train[energy_outlier] = train[energy_outlier].replace(energy=1e25)
+    train[energy_outlier] = train[energy_outlier].replace(energy=1e9)
   with DatasetWriter(path, attrs={"source": "tests: synthetic world"}) as writer:
     for name, records in (("train", train), ("val", val)):
       split = writer.split(name)

@@ -4,7 +4,8 @@
 evenly spaced sample of the training split, after the float64 per-element reference is subtracted:
   avg_num_neighbors: mean number of other atoms within the model's cutoff;
   scale: RMS of the force components (eV/Å), so the model's per-atom output is O(1);
-  shift: mean per-atom energy left by the reference (eV/atom), ~0 with a least-squares reference.
+  shift: median per-atom energy left by the reference (eV/atom), ~0 with a least-squares reference
+    (the median, so one corrupt label cannot move every prediction).
 The values are stored in the run's config, so a resumed run, a stage-2 run and inference rebuild the
 same function (`consist.train` takes them from the checkpoint it continues from).
 """
@@ -42,7 +43,7 @@ def data_statistics(records: Sequence[MoleculeRecord], reference: EnergyReferenc
     raise ValueError("data statistics: no records")
   scale = np.sqrt(force_sq / force_n) if force_n else (np.std(per_atom) if per_atom else 1.0)
   return {"avg_num_neighbors": neighbors / atoms, "scale": float(max(scale, 1e-3)),
-          "shift": float(np.mean(per_atom)) if per_atom else 0.0}
+          "shift": float(np.median(per_atom)) if per_atom else 0.0}
 
 
 def resolve_energy_config(config: EnergyModelConfig, records: Sequence[MoleculeRecord],

@@ -357,17 +357,9 @@ def to_record(molecule: Molecule, positions: np.ndarray, fidelity: str) -> Molec
 
 
 def sample_per_molecule(model: TrainedModel, prepared: Sequence[tuple[Molecule, MoleculeRecord]],
-                        sampling) -> list[np.ndarray]:
-  """K structures [K, n, 3] (Å) per (molecule, record), each molecule sampled in its own call with its
-  own seed (`Molecule.seed(sampling.seed)`, from its canonical SMILES): its structures do not depend
-  on the other inputs or on its position among them, and a molecule given twice with the same start
-  gets the same structures (computed once). Costs one padded batch per distinct molecule."""
-  done: dict[tuple[int, bytes], np.ndarray] = {}
-  out = []
-  for molecule, record in prepared:
-    seed = molecule.seed(sampling.seed)
-    key = (seed, np.asarray(record.positions, np.float64).tobytes() + record.atomic_numbers.tobytes())
-    if key not in done:
-      done[key] = model.sample([record], dataclasses.replace(sampling, seed=seed))[0]
-    out.append(done[key])
-  return out
+                        sampling, progress=None) -> list[np.ndarray]:
+  """K structures [K, n, 3] (Å) per (molecule, record), in one batched pass; each molecule's noise
+  comes from its own seed (`Molecule.seed(sampling.seed)`, from its canonical SMILES), so its
+  structures do not depend on the other inputs or on its position among them."""
+  return model.sample([r for _, r in prepared], sampling, progress=progress,
+                      seeds=[molecule.seed(sampling.seed) for molecule, _ in prepared])

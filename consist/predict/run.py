@@ -167,7 +167,7 @@ def predict(model: TrainedModel, inputs: Sequence[Molecule | MoleculeError], sam
   Args:
     model: the trained model.
     inputs: molecules, or the errors of inputs that could not be read (reported as failures).
-    sampling: generation settings (batch b of the run's packing samples with fold_in(seed, b)).
+    sampling: generation settings (each molecule samples from its own seed: (seed, canonical SMILES)).
     relax: polish every structure on the learned energy (`consist.relax` FIRE, batched) to `fmax`
       eV/Å, at most `relax_steps` steps; structures that stop at the limit are counted in the report.
     workers: processes for the RDKit start structures when many molecules need one.
@@ -178,7 +178,8 @@ def predict(model: TrainedModel, inputs: Sequence[Molecule | MoleculeError], sam
   ready, failures = _prepare(model, inputs, sampling, fidelity, workers, stream)
 
   bar = Progress("sample", len(ready), stream)
-  samples = (model.sample([r for _, r in ready], sampling, progress=lambda done, _: bar.update(done - bar.done))
+  samples = (molecules.sample_per_molecule(model, ready, sampling,
+                                           progress=lambda done, _: bar.update(done - bar.done))
              if ready else [])
   candidates = []
   for (molecule, record), positions in zip(ready, samples):
