@@ -6,7 +6,10 @@ import fcntl
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from consist.data.bundled import SMOKE_DATASET
+from consist.inference import TrainedModel
 from consist.train import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +47,14 @@ def shared_smoke_model(tmp_path_factory) -> Path:
       train_smoke_model(workdir)
       (workdir / "done").write_text("")
   return workdir
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """The session's smoke model (trained once, shared by xdist workers)."""
+  return shared_smoke_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(workdir):  # pylint: disable=redefined-outer-name
+  return TrainedModel.load(workdir)

@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 from ase import units
 
-import predict_model
 from consist.calculator import ConsistCalculator
-from consist.inference import TrainedModel
 from consist.predict import molecules
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return predict_model.shared_smoke_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(workdir):
-  return TrainedModel.load(workdir)
+from predict_model import model, workdir  # noqa: E402,F401  (the shared smoke-model fixtures)
 
 
 def _atoms(smiles: str, seed: int = 0) -> ase.Atoms:

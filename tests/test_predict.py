@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from rdkit import Chem
 
-import predict_model
 from consist import inference
-from consist.inference import Sampling, TrainedModel
+from consist.inference import Sampling
 from consist.predict import molecules, run, writers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +29,7 @@ COMMON_SMILES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return predict_model.shared_smoke_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(workdir):
-  return TrainedModel.load(workdir)
+from predict_model import model, workdir  # noqa: E402,F401  (the shared smoke-model fixtures)
 
 
 def _adjacency(mol: Chem.Mol) -> np.ndarray:

@@ -14,7 +14,6 @@ import ase.io
 import numpy as np
 import pytest
 
-import predict_model
 from consist import checkpoint
 from consist.inference import Sampling, TrainedModel
 from consist.predict import molecules
@@ -22,14 +21,7 @@ from consist.predict import molecules
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return predict_model.shared_smoke_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(workdir):
-  return TrainedModel.load(workdir)
+from predict_model import model, workdir  # noqa: E402,F401  (the shared smoke-model fixtures)
 
 
 def _prepared(model, smiles, sampling):

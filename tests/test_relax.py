@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 
 import model_fixtures
-import predict_model
 from consist import checkpoint, relax, synthetic
 from consist.data.batching import Budget
-from consist.inference import TrainedModel
 from consist.predict import molecules
 
 BUDGET = Budget(64, 400, 8)
@@ -206,14 +204,7 @@ def test_minima_agree_with_ase_bfgs_on_an_identical_energy(method):
 # ------------------------------------------------------------------------ the learned energy
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return predict_model.shared_smoke_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(workdir):
-  return TrainedModel.load(workdir)
+from predict_model import model, workdir  # noqa: E402,F401  (the shared smoke-model fixtures)
 
 
 SMILES = ("CCO", "CC(=O)N", "c1ccoc1", "CC(C)O", "OC=O")
