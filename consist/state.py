@@ -64,9 +64,24 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
   )
   parts = []
   if cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(clip_by_subtree_norm(cfg.clip_norm))
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
   return optax.chain(*parts), schedule
+
+
+def clip_by_subtree_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` applied to each top-level subtree of a dict of params on its own
+  (the energy model, the structure encoder, the structure head), so a large structure-loss gradient
+  cannot scale down the energy model's update; other pytrees are clipped as one."""
+  clip = optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None):
+    del params
+    if isinstance(updates, dict):
+      return {k: clip.update(v, state)[0] for k, v in updates.items()}, state
+    return clip.update(updates, state)[0], state
+
+  return optax.GradientTransformation(clip.init, update)
 
 
 def create_state(init_fn: InitFn, tx: optax.GradientTransformation, seed: int,

@@ -176,3 +176,12 @@ def test_energy_force_step_on_one_device_equals_eight_devices():
   assert moved > 1e-4  # the EMA lags the params: it is not a copy
 
 
+
+
+def test_clipping_is_per_subtree_so_structure_gradients_cannot_shrink_the_energy_update():
+  from consist.state import clip_by_subtree_norm  # pylint: disable=g-import-not-at-top
+  clip = clip_by_subtree_norm(1.0)
+  grads = {"energy_model": {"w": jnp.asarray([0.3, 0.4])}, "structure_head": {"w": jnp.asarray([30.0, 40.0])}}
+  clipped, _ = clip.update(grads, clip.init(grads))
+  np.testing.assert_allclose(clipped["energy_model"]["w"], [0.3, 0.4])  # under the bound: untouched
+  np.testing.assert_allclose(clipped["structure_head"]["w"], [0.6, 0.8], rtol=1e-6)  # norm 1
