@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from consist.data.bundled import BUNDLED_DATASET, PRETRAINED_MODEL
+from consist.eval import physics
 from consist.relax import RelaxSettings
 
 DDIM_STEPS = 10
 RELAX_FMAX = 0.05
 XTB_FMAX = 0.01
 XTB_LEVEL = "gfn2-xtb"
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _xtb_relax(job) -> tuple[float, bool, int]:
@@ -55,17 +55,9 @@ def _warm(_) -> None:
 
 def xtb_throughput(records, workers: int) -> dict:
   """GFN2-xTB relaxations of `records` from their positions in `workers` single-threaded processes."""
-  saved = {v: os.environ.get(v) for v in _THREAD_VARS}
-  os.environ.update({v: "1" for v in _THREAD_VARS})
-  try:
+  with physics.single_threaded_env():
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     list(pool.map(_warm, range(workers)))
-  finally:
-    for v, old in saved.items():
-      if old is None:
-        os.environ.pop(v, None)
-      else:
-        os.environ[v] = old
   jobs = [(r.atomic_numbers, r.positions, r.charge, r.multiplicity, r.bonds) for r in records]
   with pool:
     t0 = time.perf_counter()

@@ -117,7 +117,7 @@ def evaluate_job(level: Level, job: AccurateJob) -> AccurateResult:
 
 
 @contextlib.contextmanager
-def _single_threaded_env() -> Iterator[None]:
+def single_threaded_env() -> Iterator[None]:
   """OMP/BLAS thread counts of 1 in os.environ while worker processes are spawned (they copy it)."""
   saved = {v: os.environ.get(v) for v in _THREAD_VARS}
   os.environ.update({v: "1" for v in _THREAD_VARS})
@@ -169,7 +169,7 @@ def evaluate_accurate(jobs: Sequence[AccurateJob], level: Level | str, *, worker
     for i, job in enumerate(jobs):
       finish(i, evaluate_job(level, job))
     return results
-  with _single_threaded_env():
+  with single_threaded_env():
     pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker, initargs=(level,))
