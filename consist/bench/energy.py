@@ -14,7 +14,6 @@ in the same run, and the result holds both rows and the ratios consist / MACE.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
@@ -29,10 +28,8 @@ CALIBRATION_STEPS = 30
 
 
 def _config(steps: int, quick: bool):
-  spec = importlib.util.spec_from_file_location("configs_energy", REPO / "configs" / "energy.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(None)
+  from consist.reproduce import load_config  # pylint: disable=g-import-not-at-top
+  c = load_config(REPO / "configs" / "energy.py")
   c.train.update(steps=steps, eval_every=0, ckpt_every=steps, log_every=max(steps // 20, 1))
   if quick:  # a smoke check of the benchmark itself: small model
     c.model.energy.update(channels=8, radial_hidden=(16,), readout_hidden=8)
