@@ -28,17 +28,39 @@ _ENERGY = Path(__file__).with_name("energy.py")
 _QUICKSTART = Path(__file__).with_name("quickstart.py")
 # Steps of the 25-min energy bench run on the 2-core VM (its calibration picked them).
 ENERGY_STEPS = 3130
+# Refinement time of the structure model and the weight of its consistency term (issue 13 sweep).
+REFINE_T_STAR = 0.02
+OPTIMALITY_WEIGHT = 10.0
+
+
+ARGS = ("", "structure", "consistency")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """arg: "" (the energy model) or "structure" (the structure model, from the energy run)."""
+  """arg: "" (the energy model), "structure" (the structure model, from the energy run) or
+  "consistency" (stage 2 of the structure model: + optimality consistency at the accurate level)."""
   if arg in (None, ""):
     c = load_config(_ENERGY)
     c.train.steps = ENERGY_STEPS
     c.train.keep = 1
     return c
-  if arg != "structure":
-    raise ValueError(f"configs/pretrained.py: unknown argument {arg!r}; use '' or 'structure'")
+  if arg not in ARGS:
+    raise ValueError(f"configs/pretrained.py: unknown argument {arg!r}; use one of {ARGS}")
+  c = _structure()
+  if arg == "consistency":
+    c.train.update(stage=2, init_mode="params", steps=1000, eval_every=0, ckpt_every=250)
+    c.optim.update(learning_rate=5e-4, warmup_steps=50)
+    # Level 1 (the accurate level) is asked to be a minimum of the learned energy, from the
+    # unnoised cheap structure at t in optimality_t_range (what deterministic refine does);
+    # denoising keeps level 0 on the cheap structures.
+    c.loss.update(optimality_weight=OPTIMALITY_WEIGHT, optimality_form="descent",
+                  optimality_noise=False, optimality_t_range=(REFINE_T_STAR, REFINE_T_STAR),
+                  consistency_level=1, consistency_params="structure_head+encoder",
+                  score_weight=0.0)
+  return c
+
+
+def _structure() -> ml_collections.ConfigDict:
   c = load_config(_QUICKSTART, "baseline")  # stage 2 semantics: init_from, consistency weights 0
   c.data.cutoff = config_dict.placeholder(float)  # all pairs
   c.model.energy = load_config(_ENERGY).model.energy
@@ -46,6 +68,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.energy_weight = 0.0
   c.loss.forces_weight = 0.0
   c.loss.denoise_weight = 1.0
+  # EDM preconditioning: refine at small t is near the identity by construction (issue 13).
+  c.model.update(prediction="edm", structure_levels=2)
+  c.loss.denoise_weighting = "edm"
+  c.train.update(stage=1, init_mode="energy_model")
   c.optim.update(learning_rate=2e-3, warmup_steps=100, end_lr_factor=0.02)
   c.train.update(steps=3000, eval_every=1500, eval_batches=0, keep=1, ckpt_every=500)
   return c

@@ -194,6 +194,36 @@ def load_init(workdir: str | Path, abstract: TrainState, *, with_opt: bool) -> t
   return params, opt_state, step
 
 
+def load_init_subtrees(workdir: str | Path, abstract_params: dict, names: tuple[str, ...]) -> tuple[dict, int]:
+  """({name: EMA params} of the latest checkpoint of another run, step) for the top-level param
+  subtrees `names` only (e.g. a trained energy model under a new structure model).
+
+  Each named subtree must match `abstract_params[name]` exactly (CheckpointMismatchError, naming the
+  parameter, otherwise); the other stored subtrees are read and dropped. Arrays come back with the
+  shardings of `abstract_params`.
+  """
+  with Checkpointer(workdir, read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to initialise from")
+    step_dir = ckpt.directory / str(step)
+  item = step_dir / ("ema" if (step_dir / "ema").is_dir() else "params")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(item).item_metadata
+    missing = [n for n in names if n not in stored]
+    if missing:
+      raise CheckpointMismatchError(f"{item}: incompatible checkpoint: no parameter subtree(s) {missing}")
+    for n in names:
+      compare_signatures(signature({n: stored[n]}), signature({n: abstract_params[n]}), str(item),
+                         "parameter")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(stored))
+    restored = checkpointer.restore(item, target)
+  out = {n: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), restored[n], abstract_params[n])
+         for n in names}
+  return out, step
+
+
 def restore_model_params(workdir: str | Path, step: int, abstract_params: Any) -> Any:
   """The model parameters of checkpoint `step`, for inference (no optimizer state, no trainer).
 

@@ -23,6 +23,9 @@ from consist.losses.total import LossConfig
 from consist.models.config import ModelConfig
 
 
+INIT_MODES = ("params", "params+opt", "energy_model")
+
+
 class ConfigError(ValueError):
   """A configuration key or value is invalid. The message names the dotted key."""
 
@@ -102,10 +105,12 @@ class TrainConfig:
   Attributes:
     steps: total number of updates of this run (a resumed run continues up to it).
     stage: 1 = multi-task only (the consistency weights of `loss` are set to 0); 2 = `loss` as given.
-    init_from: stage 2 only: workdir of a stage-1 run whose latest checkpoint initialises this run
-      (ignored when this workdir already holds a checkpoint: then the run resumes).
-    init_mode: "params" (fresh optimizer, step 0) or "params+opt" (also the optimizer moments; the
-      step counter still restarts at 0 so the new schedule runs in full).
+    init_from: workdir of a run whose latest checkpoint initialises this run (ignored when this
+      workdir already holds a checkpoint: then the run resumes): stage 2 from its stage-1 run, or
+      any stage with init_mode "energy_model" (a structure model trained on a finished energy model).
+    init_mode: "params" (fresh optimizer, step 0), "params+opt" (also the optimizer moments; the
+      step counter still restarts at 0 so the new schedule runs in full) or "energy_model" (only the
+      energy model's parameters; the structure model starts fresh, e.g. with another architecture).
     log_every / ckpt_every / eval_every: intervals in steps (eval_every 0 disables validation).
     eval_batches: validation batches per evaluation (0 = the whole validation split).
     keep: number of most recent checkpoints kept.
@@ -129,10 +134,11 @@ class TrainConfig:
       raise ConfigError(f"steps: must be >= 1, got {self.steps}")
     if self.stage not in (1, 2):
       raise ConfigError(f"stage: must be 1 or 2, got {self.stage}")
-    if self.init_from and self.stage != 2:
-      raise ConfigError("init_from: only a stage-2 run starts from another workdir's checkpoint")
-    if self.init_mode not in ("params", "params+opt"):
-      raise ConfigError(f"init_mode: must be 'params' or 'params+opt', got {self.init_mode!r}")
+    if self.init_from and self.stage != 2 and self.init_mode != "energy_model":
+      raise ConfigError("init_from: only a stage-2 run starts from another workdir's checkpoint "
+                        "(or a stage-1 run from its energy model: init_mode='energy_model')")
+    if self.init_mode not in INIT_MODES:
+      raise ConfigError(f"init_mode: must be one of {INIT_MODES}, got {self.init_mode!r}")
     if self.on_nonfinite not in ("stop", "skip"):
       raise ConfigError(f"on_nonfinite: must be 'stop' or 'skip', got {self.on_nonfinite!r}")
     for name in ("log_every", "ckpt_every", "keep"):
@@ -154,6 +160,12 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   seed: int = 0
+
+  def check(self):
+    if self.loss.consistency_level >= self.model.structure_levels:
+      raise ConfigError(f"loss.consistency_level: {self.loss.consistency_level} needs "
+                        f"model.structure_levels > {self.loss.consistency_level}, got "
+                        f"{self.model.structure_levels}")
 
   @classmethod
   def from_config_dict(cls, cd: Mapping[str, Any]) -> "Config":

@@ -11,7 +11,15 @@ Conversions (per node, a = alpha(t), s = sigma(t)):
   score of p_t over R in Å^-1:  grad_R log p_t = -eps / (s * position_scale).
 
 A denoiser is any `DenoiseFn(x_t [N, 3], t [G]) -> eps [N, 3]` (`model_denoiser` wraps the
-model's structure head; tests use the analytic optimal denoiser of a Gaussian). Samplers take one
+model's structure head; tests use the analytic optimal denoiser of a Gaussian).
+
+Preconditioning (`ModelConfig.prediction == "edm"`, Karras et al. 2022 written for this VP
+schedule): with y = x_t / alpha the input in the data's units and s = sigma / alpha its noise level,
+  x0_hat = c_skip(s) y + c_out(s) F,   c_skip = sd^2 / (s^2 + sd^2),   c_out = s sd / sqrt(s^2 + sd^2),
+sd = `Schedule.sigma_data` (diffusion units). As s -> 0 the x0 prediction tends to its input
+whatever the network F says (c_skip -> 1, c_out ~ s): a structure refined at a small t comes back
+nearly unchanged by construction, and an error of the network moves it by only ~ s times that
+error. The matching loss weight (`multitask.eps_weight`, "edm") makes the error in F unit-weighted. Samplers take one
 PRNG key; `sample_k` vmaps any of them over K keys for K samples per molecule in one call.
 """
 
@@ -42,6 +50,10 @@ class Schedule:
       SDE of Song et al. with beta(t) = beta_min + t (beta_max - beta_min).
     position_scale: Å per diffusion unit (x = R / position_scale). 1 Å: a unit-variance prior
       spreads atoms over about the size of a small molecule.
+    sigma_data: Å, the data scale sd of the "edm" preconditioning (see the module docstring).
+      1 Å (with position_scale 1) makes EDM's input scaling c_in = 1 / sqrt(s^2 + sd^2) equal to
+      this schedule's own x_t, so the network sees x_t as it is; the identity dominates the x0
+      prediction for s << sd.
   """
 
   kind: str = "cosine"
@@ -50,12 +62,15 @@ class Schedule:
   logsnr_max: float = 20.0
   beta_min: float = 0.1
   beta_max: float = 20.0
+  sigma_data: float = 1.0
 
   def __post_init__(self):
     if self.kind not in SCHEDULES:
       raise ValueError(f"Schedule.kind must be one of {SCHEDULES}, got {self.kind!r}")
     if self.position_scale <= 0:
       raise ValueError(f"Schedule.position_scale must be > 0 Å, got {self.position_scale}")
+    if self.sigma_data <= 0:
+      raise ValueError(f"Schedule.sigma_data must be > 0 Å, got {self.sigma_data}")
 
   def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(alpha(t), sigma(t)), same shape as t."""
@@ -67,6 +82,15 @@ class Schedule:
       return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
     log_alpha2 = -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
     return jnp.exp(0.5 * log_alpha2), jnp.sqrt(-jnp.expm1(log_alpha2))
+
+
+  def precondition(self, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(s, c_skip, c_out) of the "edm" parameterisation at t, in diffusion units (module doc)."""
+    alpha, sigma = self.alpha_sigma(t)
+    s = sigma / alpha
+    sd = self.sigma_data / self.position_scale
+    norm = jnp.sqrt(s**2 + sd**2)
+    return s, sd**2 / norm**2, s * sd / norm
 
 
 def _per_node(values_G: jax.Array, batch: GraphBatch) -> jax.Array:
@@ -131,25 +155,44 @@ def eps_to_score(eps, t_G, batch, schedule):
 
 
 def model_denoiser(model: model_lib.Model, params: dict, batch: GraphBatch,
-                   schedule: Schedule) -> DenoiseFn:
-  """The structure head as a `DenoiseFn` (handles the "eps" and "x0" parameterisations)."""
+                   schedule: Schedule, level: int = 0) -> DenoiseFn:
+  """The structure head as a `DenoiseFn` ("eps", "x0" and "edm" parameterisations).
+
+  level: the structure level asked for (`ModelConfig.structure_levels`): 0 = the level of the
+    training structures (what denoising learns), 1 = the accurate level consistency trains.
+  """
+  if not 0 <= level < model.config.structure_levels:
+    raise ValueError(f"structure level {level} not in [0, {model.config.structure_levels})")
 
   def eps_fn(x_t, t_G):
-    out = model_lib.structure_output(model, params, batch, x_t * schedule.position_scale, t_G)
+    level_G = jnp.full(t_G.shape, level, jnp.int32)
+    out = model_lib.structure_output(model, params, batch, x_t * schedule.position_scale, t_G,
+                                     level_G)
     if model.config.prediction == "eps":
       return out
-    return x0_to_eps(x_t, x_t + out, t_G, batch, schedule)
+    if model.config.prediction == "x0":
+      return x0_to_eps(x_t, x_t + out, t_G, batch, schedule)
+    # edm: eps = (y - x0_hat) / s with y = x_t / alpha, written without the cancellation.
+    alpha, _ = schedule.alpha_sigma(t_G)
+    s, c_skip, c_out = schedule.precondition(t_G)
+    y = x_t / _per_node(alpha, batch)
+    eps = _per_node(s / (s**2 + (schedule.sigma_data / schedule.position_scale)**2), batch) * y \
+        - _per_node(c_out / s, batch) * out
+    return jnp.where(batch.node_mask[:, None], eps, 0.0)
 
   return eps_fn
 
 
-def _start(rng, batch, schedule, t_start, init_positions, dtype):
-  """x at t_start: the prior (init None) or `init_positions` noised to t_start."""
+def _start(rng, batch, schedule, t_start, init_positions, dtype, noise=True):
+  """x at t_start: the prior (init None) or `init_positions` noised to t_start (or, noise False,
+  only scaled by alpha(t_start): the input read as the mean of x_t)."""
   t_G = jnp.full(batch.graph_mask.shape, t_start, dtype)
   eps = centered_noise(rng, batch, dtype)
   if init_positions is None:
     _, sigma = schedule.alpha_sigma(t_G)
     return _per_node(sigma, batch) * eps, t_G
+  if not noise:
+    eps = jnp.zeros_like(eps)
   return add_noise(to_scaled(init_positions, batch, schedule), eps, t_G, batch, schedule), t_G
 
 
@@ -172,14 +215,15 @@ def sample_one_step(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rn
 
 def sample_ddim(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: jax.Array, *,
                 num_steps: int, t_start: float = 1.0, init_positions: jax.Array | None = None,
-                eta: float = 0.0, dtype=jnp.float32) -> jax.Array:
+                eta: float = 0.0, noise: bool = True, dtype=jnp.float32) -> jax.Array:
   """DDIM from t_start to 0 in `num_steps` uniform steps; eta = 0 deterministic, 1 ~ ancestral.
 
-  Returns the x0 prediction of the last step (t_1 -> 0) as positions [N, 3] in Å (centred, or
-  with the centroid of `init_positions`).
+  noise: with `init_positions`, whether they are noised to t_start (SDEdit) or taken as x_t's
+  mean (a deterministic refinement). Returns the x0 prediction of the last step (t_1 -> 0) as
+  positions [N, 3] in Å (centred, or with the centroid of `init_positions`).
   """
   start_rng, step_rng = split_keys(rng, 2)
-  x, _ = _start(start_rng, batch, schedule, t_start, init_positions, dtype)
+  x, _ = _start(start_rng, batch, schedule, t_start, init_positions, dtype, noise)
   times = t_start * (1.0 - jnp.arange(num_steps + 1, dtype=dtype) / num_steps)
 
   def step(x, inputs):
@@ -206,11 +250,12 @@ def ddim_step(eps_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, s: jax.Array, bat
 
 
 def refine(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: jax.Array,
-           positions_N3: jax.Array, *, t_star: float, num_steps: int,
-           eta: float = 0.0) -> jax.Array:
-  """SDEdit-style refinement: noise `positions_N3` to t_star, then DDIM to 0 (Å out)."""
+           positions_N3: jax.Array, *, t_star: float, num_steps: int, eta: float = 0.0,
+           noise: bool = True) -> jax.Array:
+  """Refinement of `positions_N3` (Å in and out): SDEdit (noise them to t_star, then DDIM to 0)
+  or, noise False, DDIM from their unnoised x_t (num_steps 1: one deterministic x0 prediction)."""
   return sample_ddim(eps_fn, batch, schedule, rng, num_steps=num_steps, t_start=t_star,
-                     init_positions=positions_N3, eta=eta, dtype=positions_N3.dtype)
+                     init_positions=positions_N3, eta=eta, noise=noise, dtype=positions_N3.dtype)
 
 
 def sample_k(sampler: Callable[[jax.Array], jax.Array], rng: jax.Array, k: int) -> jax.Array:

@@ -13,8 +13,13 @@ a whole bucket of molecules per compiled call).
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
   ddim     `steps` deterministic DDIM steps (eta = 0) from the prior at `t_start`;
-  refine   SDEdit: the record's own positions (e.g. an MMFF structure) noised to `t_star`, then
-           `steps` DDIM steps to 0; `steps=1` is one-step denoising of the given structure.
+  refine   the record's own positions (e.g. an MMFF structure) at `t_star`, then `steps` DDIM
+           steps to 0: noised there (SDEdit, `noise=True`) or taken unnoised (deterministic; with
+           the "edm" parameterisation the identity dominates at small t_star); `steps=1` is one
+           x0 prediction from the given structure.
+
+The structure level asked for (`level`): None = the highest the model has (1, the accurate level,
+for models with `structure_levels=2`; an untrained level 1 is exactly level 0).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Sampling:
     t_start: start time of denoise / ddim from the prior.
     t_star: noise level the input structure is taken to in refine mode.
     eta: DDIM stochasticity (0 = deterministic).
+    noise: refine mode: noise the input structure to t_star (SDEdit) or not (deterministic).
+    level: structure level (see the module docstring); None = the model's highest.
     seed: sampling seed; batch b uses fold_in(key(seed), b).
   """
 
@@ -64,11 +71,15 @@ class Sampling:
   t_start: float = 1.0
   t_star: float = 0.1
   eta: float = 0.0
+  noise: bool = True
+  level: int | None = None
   seed: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
+    if self.level is not None and self.level < 0:
+      raise ValueError(f"level: must be >= 0, got {self.level}")
     if self.samples < 1 or self.steps < 1:
       raise ValueError(f"samples and steps must be >= 1, got {self.samples}, {self.steps}")
     if not 0.0 < self.t_star <= 1.0 or not 0.0 < self.t_start <= 1.0:
@@ -168,7 +179,8 @@ class TrainedModel:
   # --- structures ---
   def _sample_graphs(self, params, graphs: GraphBatch, seeds_G: jax.Array, sampling: Sampling) -> jax.Array:
     key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), seeds_G)  # one per graph
-    eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule)
+    level = self.model.config.structure_levels - 1 if sampling.level is None else sampling.level
+    eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule, level=level)
     if sampling.mode == "denoise":
       sampler = lambda k: diffusion.sample_one_step(eps_fn, graphs, self.schedule, k, t_start=sampling.t_start)
     elif sampling.mode == "ddim":
@@ -176,7 +188,8 @@ class TrainedModel:
                                                 t_start=sampling.t_start, eta=sampling.eta)
     else:
       sampler = lambda k: diffusion.refine(eps_fn, graphs, self.schedule, k, graphs.positions,
-                                           t_star=sampling.t_star, num_steps=sampling.steps, eta=sampling.eta)
+                                           t_star=sampling.t_star, num_steps=sampling.steps, eta=sampling.eta,
+                                           noise=sampling.noise)
     return diffusion.sample_k(sampler, key, sampling.samples)
 
   def sample(self, records: Sequence[MoleculeRecord], sampling: Sampling,

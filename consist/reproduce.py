@@ -20,7 +20,9 @@ Both see the same energy labels at the equilibrium (cheap) structures.
 
 Evaluation: the final checkpoint of every arm in every mode of `modes` on `split`
 (`consist.eval.run`), and the baselines (cheap structure, ETKDG) once, under evals/. Mode "relax" is
-the arm's own baseline: the cheap structures relaxed on its learned energy (`consist.relax`). The report is
+the arm's own baseline: the cheap structures relaxed on its learned energy (`consist.relax`); it
+depends on the energy model alone, so arms with bitwise the same energy model (a structure model
+trained on a frozen one, `train.init_mode="energy_model"`) share one evaluation. The report is
 written by `consist.eval.report.write_report` to results/ (results.md, summary.json, PNG plots),
 plus results/results.json (every per-molecule value).
 
@@ -33,6 +35,7 @@ one is an error (the stage-1 run changed: use a new workdir).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 
 from consist import checkpoint
@@ -85,7 +89,9 @@ class ReproduceConfig:
     split: evaluation split (records with reference minima).
     modes: generation modes evaluated ("denoise", "ddim", "refine"), and "relax" (the cheap
       structure relaxed on the arm's learned energy to `relax_fmax` eV/Å, FIRE).
-    samples, steps, t_start, t_star, eta: `consist.inference.Sampling` of the evaluation.
+    samples, steps, t_start, t_star, eta, noise: `consist.inference.Sampling` of the evaluation
+      (each arm is asked for its model's highest structure level).
+    refine_steps: DDIM steps of mode refine (0: `steps`).
     level, workers, max_molecules: `consist.eval.run.EvalSettings`.
     eval_seed: sampling seed and ETKDG seed.
   """
@@ -101,6 +107,8 @@ class ReproduceConfig:
   t_start: float = 1.0
   t_star: float = 0.1
   eta: float = 0.0
+  noise: bool = True
+  refine_steps: int = 0
   level: str = "gfn2-xtb"
   workers: int = 2
   max_molecules: int = 0
@@ -136,8 +144,9 @@ class ReproduceConfig:
     return cls(**kwargs)
 
   def sampling(self, mode: str) -> Sampling:
-    return Sampling(mode=mode, samples=self.samples, steps=self.steps, t_start=self.t_start,
-                    t_star=self.t_star, eta=self.eta, seed=self.eval_seed)
+    steps = self.refine_steps if mode == "refine" and self.refine_steps else self.steps
+    return Sampling(mode=mode, samples=self.samples, steps=steps, t_start=self.t_start,
+                    t_star=self.t_star, eta=self.eta, noise=self.noise, seed=self.eval_seed)
 
   def eval_settings(self) -> eval_run.EvalSettings:
     return eval_run.EvalSettings(level=self.level, workers=self.workers,
@@ -192,6 +201,14 @@ def write_no_force_data(source: str | Path, dest: Path, splits: list[str]) -> Pa
         if record.is_equilibrium:
           out.append(record.replace(forces=None), where=f"{source}:{split}[{i}]")
   return dest
+
+
+def energy_model_fingerprint(params: dict) -> str:
+  """sha256 of the energy model's parameters (bytes of every leaf, in tree order)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params["energy_model"]):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()
 
 
 def latest_step(workdir: Path) -> int | None:
@@ -336,6 +353,11 @@ class Reproduction:
       path = self.workdir / "evals" / f"seed{seed}" / arm / f"{mode}.json"
       key = {"step": step, "sampling": dataclasses.asdict(sampling), "settings": settings,
              "mol_ids": mol_ids}
+      if relax:  # a function of the energy model alone: arms that share it share the evaluation
+        model = model or TrainedModel.load(workdir)
+        fingerprint = energy_model_fingerprint(model.params)
+        path = self.workdir / "evals" / f"relax_{fingerprint[:16]}.json"
+        key = dict(key, step=None, energy_model=fingerprint)
       stored = self._cached(path, key)
       if stored is not None:
         out[mode] = eval_run.Evaluation.from_json(stored["evaluation"])
@@ -402,8 +424,10 @@ class Reproduction:
                      f"arm {s2.train.steps} stage-2 steps from it"),
         "force data": (f"force loss (weight {rc.force_weight}) + off-equilibrium records; without: "
                        "equilibrium records only, no force labels"),
-        "sampling": (f"K={rc.samples} per molecule; ddim/refine {rc.steps} steps, t_start "
-                     f"{rc.t_start}, refine t_star {rc.t_star}, eta {rc.eta}, seed {rc.eval_seed}"),
+        "sampling": (f"K={rc.samples} per molecule; ddim {rc.steps} steps from t_start "
+                     f"{rc.t_start}; refine {rc.refine_steps or rc.steps} steps from t_star "
+                     f"{rc.t_star} ({'noised' if rc.noise else 'unnoised'}); eta {rc.eta}, seed "
+                     f"{rc.eval_seed}"),
         "accurate level": rc.level,
     })
     if RELAX_MODE in rc.modes:

@@ -245,7 +245,13 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
     state, data_state = parallel.init_state_sharded(create, mesh), None
     if cfg.train.init_from:
       with_opt = cfg.train.init_mode == "params+opt"
-      params, opt_state, from_step = checkpoint.load_init(cfg.train.init_from, abstract, with_opt=with_opt)
+      if cfg.train.init_mode == "energy_model":
+        loaded, from_step = checkpoint.load_init_subtrees(cfg.train.init_from, abstract.params,
+                                                          ("energy_model",))
+        params, opt_state = state.params | loaded, None
+      else:
+        params, opt_state, from_step = checkpoint.load_init(cfg.train.init_from, abstract,
+                                                            with_opt=with_opt)
       # The EMA starts at the initial params, in buffers of its own (the step donates both).
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                             opt_state=opt_state if with_opt else state.opt_state)

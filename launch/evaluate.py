@@ -31,6 +31,11 @@ _STEPS = flags.DEFINE_integer("steps", 10, "DDIM steps (ddim, refine).")
 _T_START = flags.DEFINE_float("t_start", 1.0, "Start time of denoise / ddim from the prior.")
 _T_STAR = flags.DEFINE_float("t_star", 0.1, "Noise level the cheap structure is taken to (refine).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0 = deterministic).")
+_NOISE = flags.DEFINE_bool("noise", True, "refine: noise the cheap structure to t_star (SDEdit); "
+                           "--nonoise starts from it unnoised (deterministic).")
+_STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
+                                        "(0 = the training structures' level, 1 = the accurate level "
+                                        "consistency trains); default: the model's highest.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and the ETKDG baseline's).")
 _LEVEL = flags.DEFINE_string("level", "gfn2-xtb", "Accurate level of theory (consist.levels name).")
 _WORKERS = flags.DEFINE_integer("workers", min(2, os.cpu_count() or 1),
@@ -57,7 +62,7 @@ def main(argv):
   try:
     sampling = run.Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value,
                             t_start=_T_START.value, t_star=_T_STAR.value, eta=_ETA.value,
-                            seed=_SEED.value)
+                            noise=_NOISE.value, level=_STRUCTURE_LEVEL.value, seed=_SEED.value)
     settings = run.EvalSettings(level=_LEVEL.value, workers=_WORKERS.value,
                                 max_molecules=_MAX_MOLECULES.value, etkdg_seed=_SEED.value)
     relax = run.RelaxSettings(fmax=_RELAX_FMAX.value, max_steps=_RELAX_STEPS.value)

@@ -29,6 +29,11 @@ _MODE = flags.DEFINE_enum("mode", "refine", MODES, "Generation mode.")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule.")
 _STEPS = flags.DEFINE_integer("steps", 10, "DDIM steps (ddim, refine).")
 _T_STAR = flags.DEFINE_float("t_star", 0.1, "Noise level the start structure is taken to in refine mode, (0, 1].")
+_NOISE = flags.DEFINE_bool("noise", True, "refine: noise the start structure to t_star (SDEdit); "
+                           "--nonoise starts from it unnoised (deterministic).")
+_STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
+                                        "(0 = its training structures' level, 1 = the accurate level "
+                                        "consistency trains); default: the model's highest.")
 _RELAX = flags.DEFINE_bool("relax", False, "Relax each structure on the learned energy (batched FIRE).")
 _FMAX = flags.DEFINE_float("fmax", 0.05, "--relax threshold: max atomic force, eV/Å.")
 _RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "--relax: at most this many FIRE steps.")
@@ -69,7 +74,7 @@ def main(argv):
 
   try:
     sampling = inference.Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value, t_star=_T_STAR.value,
-                        seed=_SEED.value)
+                                  noise=_NOISE.value, level=_STRUCTURE_LEVEL.value, seed=_SEED.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:

@@ -6,10 +6,12 @@ import math
 import shutil
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 import train_toy
-from consist import checkpoint
+from consist import checkpoint, inference
 from consist.config import Config, ConfigError
 from consist.data.bundled import SMOKE_DATASET
 from consist.train import DatasetLabelError, NonFiniteError, train_and_evaluate
@@ -47,10 +49,13 @@ def test_pretrained_and_energy_configs_train_the_two_models_apart():
   first = Config.from_config_dict(load_config("pretrained"))
   assert first.model.energy == energy.model.energy and first.loss == energy.loss
   second = Config.from_config_dict(load_config("pretrained", "structure"))
-  assert second.train.stage == 2 and second.model.energy == energy.model.energy
+  assert second.train.init_mode == "energy_model" and second.model.energy == energy.model.energy
   assert second.loss.energy_weight == 0 and second.loss.forces_weight == 0 and second.loss.denoise_weight > 0
   assert not second.loss.has_consistency and second.data.cutoff is None
   assert second.model.trunk == "separate"  # so run 2 cannot change run 1's energy model
+  third = Config.from_config_dict(load_config("pretrained", "consistency"))
+  assert third.train.stage == 2 and third.loss.has_consistency and third.loss.consistency_level == 1
+  assert third.model == second.model and third.loss.energy_weight == third.loss.forces_weight == 0
 
 
 @pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6"])
@@ -162,6 +167,28 @@ def test_stage2_from_stage1_and_baseline(dataset, tmp_path):
       meta = ckpt.meta(ckpt.latest_step())
     assert meta["init_from"] == {"workdir": str((tmp_path / "s1").resolve()), "step": 4, "mode": "params"}
     assert meta["energy_reference"] == stage1_meta["energy_reference"]
+
+
+@pytest.mark.slow
+def test_structure_model_on_another_runs_energy_model(dataset, tmp_path):
+  """init_mode "energy_model": the energy model's parameters come from the other run (bitwise),
+  the structure model, here of another architecture, starts fresh."""
+  train_and_evaluate(smoke(dataset, steps=2, eval_every=0), tmp_path / "energy")
+  c = smoke(dataset, steps=2, eval_every=0, init_from=str(tmp_path / "energy"),
+            init_mode="energy_model")
+  c.model.update(prediction="edm", structure_levels=2, channels=12)
+  c.loss.update(energy_weight=0.0, forces_weight=0.0, denoise_weighting="edm")
+  train_and_evaluate(c, tmp_path / "structure")
+  params = {run: inference.load_model(tmp_path / run).params for run in ("energy", "structure")}
+  for a, b in zip(jax.tree.leaves(params["energy"]["energy_model"]),
+                  jax.tree.leaves(params["structure"]["energy_model"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert params["structure"]["encoder"]["atom_embedding"]["embedding"].shape[-1] == 12
+  bad = smoke(dataset, steps=2, eval_every=0, init_from=str(tmp_path / "energy"),
+              init_mode="energy_model")
+  bad.model.energy.channels = 4
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="parameter 'energy_model/"):
+    train_and_evaluate(bad, tmp_path / "bad")
 
 
 @pytest.mark.slow

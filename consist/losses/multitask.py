@@ -33,13 +33,13 @@ def forces_loss(forces_N3: jax.Array, batch: GraphBatch) -> tuple[jax.Array, dic
   return mse, {"forces_mse": mse, "forces_rmse": jnp.sqrt(mse / 3.0)}
 
 
-WEIGHTINGS = ("eps", "min_snr")
+WEIGHTINGS = ("eps", "min_snr", "edm")
 
 
 def eps_weight(t_G: jax.Array, schedule: diffusion.Schedule, weighting: str,
                snr_gamma: float) -> jax.Array | None:
   """Per-graph weight [G] of an eps-space squared error under `weighting` (see `denoising_loss`):
-  None for "eps" (w = 1), min(SNR, snr_gamma) / SNR for "min_snr".
+  None for "eps" (w = 1), min(SNR, snr_gamma) / SNR for "min_snr", 1 + s^2 / sd^2 for "edm".
 
   Raises:
     ValueError: unknown weighting.
@@ -48,6 +48,9 @@ def eps_weight(t_G: jax.Array, schedule: diffusion.Schedule, weighting: str,
     raise ValueError(f"eps-space weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   if weighting == "eps":
     return None
+  if weighting == "edm":
+    s, _, _ = schedule.precondition(t_G)
+    return 1.0 + (s * schedule.position_scale / schedule.sigma_data) ** 2
   alpha, sigma = schedule.alpha_sigma(t_G)
   snr = (alpha / sigma) ** 2
   return jnp.minimum(snr, snr_gamma) / snr
@@ -65,7 +68,10 @@ def denoising_loss(eps_fn: diffusion.DenoiseFn, batch: GraphBatch, schedule: dif
                parameterisation, whose output scale does not depend on t);
     "min_snr": w = min(SNR, snr_gamma) / SNR (Hang et al. 2023), i.e. x0 errors weighted by
                min(SNR, snr_gamma): bounded at small t, so x0-parameterised gradients stay O(1)
-               and do not swamp the energy terms in the shared encoder.
+               and do not swamp the energy terms in the shared encoder;
+    "edm":     w = 1 + s^2 / sd^2 (s = sigma / alpha, sd = `Schedule.sigma_data`): the squared
+               error of the preconditioned network output F, x0 errors weighted by 1 / c_out^2
+               (EDM's lambda), unit-scale at every t (use it with the "edm" parameterisation).
   "denoise_mse" always reports the unweighted eps-space error.
   """
   t_rng, eps_rng = jax.random.split(rng)

@@ -85,16 +85,20 @@ def energy_gap(energy_fn: EnergyFn, positions_N3: jax.Array, baseline_N3: jax.Ar
 
 def predict_structure(eps_fn: diffusion.DenoiseFn, batch: GraphBatch,
                       schedule: diffusion.Schedule, rng: jax.Array, *,
-                      t_range: tuple[float, float], ddim_steps: int = 0) -> jax.Array:
+                      t_range: tuple[float, float], ddim_steps: int = 0,
+                      noise: bool = True) -> jax.Array:
   """R_hat [N, 3] Å from `batch.positions` noised to t ~ U[t_range] (per graph if one-step).
 
   ddim_steps = 0: one-step x0 prediction. Else a DDIM chain of `ddim_steps` steps from a shared
-  t ~ U[t_range] to 0; only the last step's denoiser call carries gradient.
+  t ~ U[t_range] to 0; only the last step's denoiser call carries gradient. noise False: the
+  structure enters unnoised (x_t = alpha x0), as in deterministic refinement.
   """
   dtype = batch.positions.dtype
   t_rng, eps_rng, step_rng = jax.random.split(rng, 3)
   x0 = diffusion.to_scaled(batch.positions, batch, schedule)
   eps = diffusion.centered_noise(eps_rng, batch, dtype)
+  if not noise:
+    eps = jnp.zeros_like(eps)
   if ddim_steps == 0:
     t_G = jax.random.uniform(t_rng, batch.graph_mask.shape, dtype, *t_range)
     x_t = diffusion.add_noise(x0, eps, t_G, batch, schedule)
@@ -116,11 +120,13 @@ def predict_structure(eps_fn: diffusion.DenoiseFn, batch: GraphBatch,
 
 def optimality_loss(energy_fn: EnergyFn, eps_fn: diffusion.DenoiseFn, batch: GraphBatch,
                     schedule: diffusion.Schedule, rng: jax.Array, *, form: str,
-                    t_range: tuple[float, float], ddim_steps: int = 0) -> tuple[jax.Array, dict]:
+                    t_range: tuple[float, float], ddim_steps: int = 0,
+                    noise: bool = True) -> tuple[jax.Array, dict]:
   """Optimality consistency over equilibrium graphs; `energy_fn` must already be stop-gradient."""
   if form not in FORMS:
     raise ValueError(f"optimality form must be one of {FORMS}, got {form!r}")
-  r_hat = predict_structure(eps_fn, batch, schedule, rng, t_range=t_range, ddim_steps=ddim_steps)
+  r_hat = predict_structure(eps_fn, batch, schedule, rng, t_range=t_range, ddim_steps=ddim_steps,
+                            noise=noise)
   mask = batch.is_equilibrium & batch.graph_mask
   gap = masked_mean(energy_gap(energy_fn, r_hat, batch.positions, batch), mask)
   if form == "stationarity":

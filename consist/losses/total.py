@@ -39,11 +39,17 @@ class LossConfig:
     optimality_form: "stationarity" (|grad E_sg(R_hat)|^2, HVP gradient) or "descent".
     optimality_t_range: (t_lo, t_hi) from which R_hat is denoised.
     optimality_ddim_steps: 0 = one-step x0 prediction; n = last step of an n-step DDIM chain.
+    optimality_noise: R_hat is predicted from the data structure noised to t (SDEdit-like) or,
+      False, from its unnoised x_t (as deterministic refinement, `diffusion.refine(noise=False)`).
     score_weight: weight of score consistency (stage 2).
     score_t: the small time t_s of the score (see `consist.losses.score` for the choice).
     kT: eV, temperature of the Boltzmann ensemble the structure data is taken to be.
     consistency_params: which params consistency terms may update: "structure_head" or
       "structure_head+encoder".
+    consistency_level: the structure level (`ModelConfig.structure_levels`) the consistency terms
+      train: 0 = the level denoising trains (the paper's single structure model: the two pull the
+      same prediction toward the cheap structures and the learned minima), 1 = the accurate level,
+      a separate conditioning that denoising never asks for the cheap structures.
   """
 
   energy_weight: float = 1.0
@@ -58,10 +64,12 @@ class LossConfig:
   optimality_form: str = "stationarity"
   optimality_t_range: tuple[float, float] = (0.02, 0.1)
   optimality_ddim_steps: int = 0
+  optimality_noise: bool = True
   score_weight: float = 0.0
   score_t: float = 0.002
   kT: float = 0.025
   consistency_params: str = "structure_head"
+  consistency_level: int = 0
 
   def __post_init__(self):
     if self.consistency_params not in CONSISTENCY_PARAMS:
@@ -79,6 +87,8 @@ class LossConfig:
     if not 0.0 < lo <= hi <= 1.0:
       raise ValueError(f"LossConfig.optimality_t_range must satisfy 0 < lo <= hi <= 1, got "
                        f"{self.optimality_t_range}")
+    if self.consistency_level < 0:
+      raise ValueError(f"LossConfig.consistency_level must be >= 0, got {self.consistency_level}")
     if self.kT <= 0 or not 0.0 < self.score_t < 1.0:
       raise ValueError(f"LossConfig: need kT > 0 eV and 0 < score_t < 1, got kT={self.kT}, "
                        f"score_t={self.score_t}")
@@ -103,12 +113,13 @@ def consistency_terms(model: model_lib.Model, schedule: diffusion.Schedule, conf
   energy_params = jax.lax.stop_gradient(params)
   energy_fn = lambda pos: model_lib.energy(model, energy_params, batch, pos)
   eps_fn = diffusion.model_denoiser(model, route_params(params, config.consistency_params),
-                                    batch, schedule)
+                                    batch, schedule, level=config.consistency_level)
   terms = {}
   if config.optimality_weight > 0:
     terms["optimality"] = optimality.optimality_loss(
         energy_fn, eps_fn, batch, schedule, rng, form=config.optimality_form,
-        t_range=config.optimality_t_range, ddim_steps=config.optimality_ddim_steps)
+        t_range=config.optimality_t_range, ddim_steps=config.optimality_ddim_steps,
+        noise=config.optimality_noise)
   if config.score_weight > 0:
     _, forces_sg = model_lib.energy_and_forces(model, energy_params, batch)
     terms["score"] = score.score_consistency_loss(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PREDICTIONS = ("eps", "x0")
+PREDICTIONS = ("eps", "x0", "edm")
 TRUNKS = ("separate", "shared")
 
 
@@ -88,7 +88,15 @@ class ModelConfig:
     prediction: structure-head parameterisation: "eps" (noise) or "x0" (clean scaled
       coordinates, as x_t + a predicted equivariant displacement). With "eps", the x0 prediction
       moves by only sigma(t) per unit of output, so consistency gradients through it vanish as
-      t -> 0; "x0" keeps them O(1) (train it with `LossConfig.denoise_weighting="min_snr"`).
+      t -> 0; "x0" keeps them O(1) (train it with `LossConfig.denoise_weighting="min_snr"`);
+      "edm": x0 = c_skip y + c_out F (`consist.diffusion`, preconditioning): the x0 prediction
+      tends to its input as t -> 0, and F is unit-scale at every t (train it with
+      `denoise_weighting="edm"`).
+    structure_levels: levels of theory the structure model can be asked for: level 0 is the
+      training structures' own (cheap) level, which denoising learns; level 1 the accurate level
+      that consistency terms train (`LossConfig.consistency_level`). Level l > 0 adds a learned
+      embedding to the time conditioning, initialised to 0, so an untrained level 1 is exactly
+      level 0. Default 1 (runs stored before levels existed load unchanged); the configs use 2.
   """
 
   energy: EnergyModelConfig = EnergyModelConfig()
@@ -104,6 +112,7 @@ class ModelConfig:
   num_fidelities: int = 1
   avg_num_neighbors: float = 8.0
   prediction: str = "eps"
+  structure_levels: int = 1
 
   def __post_init__(self):
     if self.trunk not in TRUNKS:
@@ -111,7 +120,7 @@ class ModelConfig:
     if self.prediction not in PREDICTIONS:
       raise ValueError(f"ModelConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
     for name in ("channels", "num_layers", "num_radial", "radial_hidden", "time_frequencies",
-                 "num_fidelities"):
+                 "num_fidelities", "structure_levels"):
       if getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.max_l < 1 or self.vector_channels < 1:

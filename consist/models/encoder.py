@@ -3,7 +3,8 @@
 Inputs per node: atom type (embedding) and, with a shared trunk, the energy model's invariant node
 features; per edge: bond order (one-hot + value), distance (Gaussian radial basis) and direction
 (spherical harmonics up to `max_l`, `1o` in xyz order); per graph: the diffusion time t (sinusoidal
-embedding), added to the initial node scalars. Output: per-node irreps
+embedding) and the structure level asked for (`ModelConfig.structure_levels`), added to the initial
+node scalars. Output: per-node irreps
 `channels x 0e + vector_channels x (1o + 2e + ...)`.
 
 Padding: padding edges have length exactly 0 and padding nodes sit at the origin. Distances use a
@@ -113,12 +114,14 @@ class Interaction(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Call with (batch, positions [N, 3] Å, t [G], optional extra node scalars [N, F])."""
+  """Call with (batch, positions [N, 3] Å, t [G], level [G] int or None (= 0), optional extra node
+  scalars [N, F])."""
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array,
+               level_G: jax.Array | None = None,
                node_features: jax.Array | None = None) -> e3nn.IrrepsArray:
     cfg = self.config
     dtype = positions_N3.dtype
@@ -129,6 +132,13 @@ class Encoder(nn.Module):
     cond = e3nn.flax.MultiLayerPerceptron((cfg.channels, cfg.channels), act=jax.nn.silu,
                                           output_activation=False, name="time_mlp")(
         time_embedding(t_G.astype(dtype), cfg.time_frequencies))
+    if cfg.structure_levels > 1:
+      # Level l > 0: a learned offset of the conditioning, zero at init (level 0 has none).
+      offsets = self.param("level_embedding", nn.initializers.zeros,
+                           (cfg.structure_levels - 1, cfg.channels), dtype)
+      if level_G is not None:
+        table = jnp.concatenate([jnp.zeros((1, cfg.channels), dtype), offsets.astype(dtype)])
+        cond = cond + table[level_G]
     h = h + cond[batch.node_graph].astype(dtype)
     x = e3nn.IrrepsArray(f"{cfg.channels}x0e", h)
 

@@ -36,12 +36,14 @@ class Model(nn.Module):
     """Energy [G], eV relative to the dataset's reference (0 on padding graphs)."""
     return self.energy_model(batch, positions_N3)
 
-  def structure(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array) -> jax.Array:
-    """Raw structure-head output [N, 3] at (noisy) positions in Å and diffusion time t [G]."""
+  def structure(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array,
+                level_G: jax.Array | None = None) -> jax.Array:
+    """Raw structure-head output [N, 3] at (noisy) positions in Å, diffusion time t [G] and
+    structure level [G] (None: level 0)."""
     shared = None
     if self.config.trunk == "shared":
       shared = self.energy_model.features(batch, positions_N3)
-    return self.structure_head(batch, self.encoder(batch, positions_N3, t_G, shared),
+    return self.structure_head(batch, self.encoder(batch, positions_N3, t_G, level_G, shared),
                                positions_N3)
 
   def __call__(self, batch: GraphBatch, positions_N3: jax.Array, t_G: jax.Array):
@@ -83,6 +85,8 @@ def energy_and_forces(model: Model, params: dict, batch: GraphBatch,
 
 
 def structure_output(model: Model, params: dict, batch: GraphBatch, positions_N3: jax.Array,
-                     t_G: jax.Array) -> jax.Array:
-  """Raw structure-head output [N, 3] (eps or x0 displacement, see `ModelConfig.prediction`)."""
-  return model.apply({"params": params}, batch, positions_N3, t_G, method=Model.structure)
+                     t_G: jax.Array, level_G: jax.Array | None = None) -> jax.Array:
+  """Raw structure-head output [N, 3] (eps, x0 displacement or F: `ModelConfig.prediction`) at
+  structure level [G] (None: 0)."""
+  return model.apply({"params": params}, batch, positions_N3, t_G, level_G,
+                     method=Model.structure)
