@@ -1,18 +1,19 @@
-"""The main job (`make demo`): a short two-stage run on the bundled dataset and the evaluation of
-the compute-matched multi-task baseline against consistency training, on a laptop CPU.
+"""The main job (`make demo`): consistency training against its compute-matched multi-task twin on
+the bundled dataset, evaluated against the GFN2-xTB minima, on a laptop CPU.
 
-  python -m launch.reproduce --config configs/demo.py --workdir runs/demo --seeds 1
+  python -m launch.reproduce --config configs/demo.py --workdir runs/demo
 
-One seed of: stage 1 multi-task with force data (configs/quickstart.py, 600 steps), then two arms of
-200 steps each from that checkpoint — `multitask+forces` (consistency weights 0: the baseline) and
-`consistency+forces` (optimality + score consistency) — evaluated in refine mode (MMFF94 structure
-noised to t* = 0.1, 10 DDIM steps) on 100 test molecules against their GFN2-xTB minima, beside the
-MMFF94 structures themselves and RDKit ETKDG. Prints and writes runs/demo/results/results.md, the
-JSON and the plots (PNG).
+One seed of configs/reproduce_pretrained.py, shortened: from the bundled stage 1
+(models/structure_stage1: the structure model trained 6,000 steps by denoising the MMFF94
+structures on the frozen bundled energy model), two stage-2 arms of the same steps —
+`multitask` (denoising continued: the baseline) and `consistency` (+ optimality consistency at the
+accurate structure level) — then refine (one deterministic step from the MMFF94 structure) and
+relaxation on the learned energy on 100 test molecules, beside the MMFF94 structures themselves
+and RDKit ETKDG. Prints one short table (arm x RMSD, GFN2-xTB energy gap, valid %) and the plot
+paths; the full tables are in runs/demo/results/results.md.
 
-This is a demonstration of the pipeline, far shorter than the reproduction
-(configs/reproduce_quickstart.py, three seeds, four arms): one seed proves nothing either way.
-Expected cost on a 2-core CPU: ~15 minutes (about a third of it compiling the train steps).
+A demonstration of the pipeline: one seed and a few hundred steps prove nothing either way (the
+3-seed reproduction is configs/reproduce_pretrained.py, its results in results/).
 """
 
 from pathlib import Path
@@ -21,27 +22,14 @@ import ml_collections
 
 from consist.reproduce import load_config
 
-_QUICKSTART = Path(__file__).with_name("quickstart.py")
+_REPRODUCE = Path(__file__).with_name("reproduce_pretrained.py")
+STAGE2_STEPS = 200
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict()
-  c.stage1 = load_config(_QUICKSTART)
-  c.stage1.train.steps = 600
-  c.stage1.optim.warmup_steps = 50
-  c.stage1.train.eval_every = 300
-  c.stage1.train.eval_batches = 4
-  c.stage2 = load_config(_QUICKSTART, "stage2")
-  c.stage2.train.steps = 200
-  c.stage2.train.eval_every = 200
-  c.stage2.train.eval_batches = 4
-  c.reproduce = dict(
-      seeds=1,
-      arms=("multitask+forces", "consistency+forces"),
-      stage1_force_data=True,
-      force_weight=10.0,
-      split="test", modes=("refine",),
-      samples=1, steps=10, t_start=1.0, t_star=0.1, eta=0.0,
-      level="gfn2-xtb", workers=2, max_molecules=100, eval_seed=0)
+  c = load_config(_REPRODUCE)
+  c.stage2.train.update(steps=STAGE2_STEPS, ckpt_every=STAGE2_STEPS)
+  c.stage2.optim.warmup_steps = 20
+  c.reproduce.update(seeds=1, modes=("refine", "relax"), max_molecules=100)
   return c

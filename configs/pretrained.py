@@ -1,20 +1,26 @@
 """The bundled pretrained model (models/pretrained): the default of `launch.predict` and the calculator.
 
 Trained by the project's own `launch.train` on the bundled dataset (MMFF94 structures, GFN2-xTB
-energies and forces), on a 2-core CPU, in two runs that the separate trunks make independent:
+energies and forces), on a 2-core CPU, in three runs; the separate trunks make the energy model
+independent of the other two:
 
   # 1. the energy model alone (configs/energy.py: what `launch.bench --only energy` trains), ~25 min
   python -m launch.train --config configs/pretrained.py --workdir runs/pretrained_energy
-  # 2. the structure model (denoising of the MMFF94 structures) from it; the energy model's
-  #    parameters receive no gradient and stay as they are, ~10 min
-  python -m launch.train --config configs/pretrained.py:structure --workdir runs/pretrained \
-      --config.train.init_from=runs/pretrained_energy
+  # 2. the structure model on it, denoising the MMFF94 structures (EDM preconditioning, two
+  #    structure levels); only the energy model's parameters are taken, and they stay as they are.
+  #    6,000 steps (the bundled models/structure_stage1), ~10-40 min
+  python -m launch.train --config configs/pretrained.py:structure --workdir runs/structure_stage1 \
+      --config.train.init_from=runs/pretrained_energy --config.train.steps=6000
+  # 3. stage 2: + optimality consistency (descent form) at the accurate structure level, from the
+  #    unnoised MMFF94 structure at t* (what refine does), 500 steps, ~5-10 min
+  python -m launch.train --config configs/pretrained.py:consistency --workdir runs/pretrained \
+      --config.train.init_from=runs/structure_stage1
   # then copy runs/pretrained (its last checkpoint, config, energy reference, metrics) to models/pretrained
 
-Run 2 uses all atom pairs as edges (`data.cutoff=None`): the structure model needs them for noisy
-structures, and the energy is the same on any edge set containing the pairs within its cutoff
+Runs 2 and 3 use all atom pairs as edges (`data.cutoff=None`): the structure model needs them for
+noisy structures, and the energy is the same on any edge set containing the pairs within its cutoff
 (tests/test_mace.py). keep=1 so the committed workdir holds one checkpoint. Metrics, commands and
-machine: models/pretrained/README.md. Consistency training (stage 2) comes with issue 13.
+machine: models/pretrained/README.md; the choice of t*, weight and form: docs/DEVLOG.md, session 5.
 """
 
 from pathlib import Path
@@ -30,7 +36,7 @@ _QUICKSTART = Path(__file__).with_name("quickstart.py")
 ENERGY_STEPS = 3130
 # Refinement time of the structure model and the weight of its consistency term (issue 13 sweep).
 REFINE_T_STAR = 0.02
-OPTIMALITY_WEIGHT = 10.0
+OPTIMALITY_WEIGHT = 1000.0
 
 
 ARGS = ("", "structure", "consistency")
@@ -48,8 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/pretrained.py: unknown argument {arg!r}; use one of {ARGS}")
   c = _structure()
   if arg == "consistency":
-    c.train.update(stage=2, init_mode="params", steps=1000, eval_every=0, ckpt_every=250)
-    c.optim.update(learning_rate=5e-4, warmup_steps=50)
+    c.train.update(stage=2, init_mode="params", steps=500, eval_every=0, ckpt_every=250)
+    c.optim.update(learning_rate=2e-3, warmup_steps=50)
     # Level 1 (the accurate level) is asked to be a minimum of the learned energy, from the
     # unnoised cheap structure at t in optimality_t_range (what deterministic refine does);
     # denoising keeps level 0 on the cheap structures.

@@ -3,9 +3,11 @@
   python -m launch.reproduce --config configs/reproduce_pretrained.py --workdir runs/repro_pretrained
 
 The energy model is the bundled one (models/pretrained: MACE-class, trained on the GFN2-xTB energies
-and forces of data/bundled, configs/energy.py); it is frozen. Per seed s (run and data-order seeds +s):
+and forces of data/bundled, configs/energy.py); it is frozen. One stage 1, shared by the seeds,
+bundled as models/structure_stage1 (`stage1` below is its config: 6,000 steps):
   stage1       the structure model, denoising the MMFF94 structures (configs/pretrained.py:structure,
                EDM preconditioning, two structure levels), on the frozen energy model
+then per seed s (run and data-order seeds + s), from it:
   multitask    stage 1 continued, same steps, denoising only (the compute-matched baseline)
   consistency  the same + optimality consistency (descent form) at the accurate structure level:
                the prediction from the unnoised MMFF94 structure at t* is asked to be a minimum of
@@ -24,12 +26,12 @@ from pathlib import Path
 
 import ml_collections
 
-from consist.data.bundled import PRETRAINED_MODEL
+from consist.data.bundled import PRETRAINED_MODEL, STRUCTURE_STAGE1
 from consist.reproduce import load_config
 
 _PRETRAINED = Path(__file__).with_name("pretrained.py")
-STAGE1_STEPS = 3000
-STAGE2_STEPS = 1000
+STAGE1_STEPS = 6000
+STAGE2_STEPS = 500
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,8 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage2.train.update(steps=STAGE2_STEPS)
   pretrained = load_config(_PRETRAINED, "consistency")
   c.reproduce = dict(
-      seeds=3, arms=("multitask", "consistency"), stage1_force_data=False, force_weight=10.0,
-      split="test", modes=("refine", "ddim", "relax"),
+      seeds=3, arms=("multitask", "consistency"), stage1_force_data=False,
+      stage1_workdir=str(STRUCTURE_STAGE1), force_weight=10.0,
+      split="test", modes=("refine", "relax"),
       samples=1, steps=10, t_start=1.0, t_star=pretrained.loss.optimality_t_range[0], eta=0.0,
-      noise=False, refine_steps=1, level="gfn2-xtb", workers=2, max_molecules=0, eval_seed=0)
+      noise=False, refine_steps=1, relax_method="fire", level="gfn2-xtb", workers=2, max_molecules=0, eval_seed=0)
   return c

@@ -45,6 +45,9 @@ from consist.models import model as model_lib
 from consist.types import GraphBatch
 
 MODES = ("denoise", "ddim", "refine")
+# Refine: one deterministic x0 prediction from the unnoised input at t* = 0.02 (with the "edm"
+# parameterisation the identity up to an O(s) correction; docs/DEVLOG.md, session 5).
+DEFAULT_STEPS = {"denoise": 1, "ddim": 10, "refine": 1}
 # progress(records done, records total), called after every batch.
 Progress = Callable[[int, int], None]
 
@@ -56,7 +59,7 @@ class Sampling:
   Attributes:
     mode: "denoise" | "ddim" | "refine".
     samples: K structures per molecule, drawn in one batched call.
-    steps: DDIM steps (ddim, refine).
+    steps: DDIM steps (ddim, refine); 0 = the mode's default (`DEFAULT_STEPS`).
     t_start: start time of denoise / ddim from the prior.
     t_star: noise level the input structure is taken to in refine mode.
     eta: DDIM stochasticity (0 = deterministic).
@@ -67,11 +70,11 @@ class Sampling:
 
   mode: str = "refine"
   samples: int = 1
-  steps: int = 10
+  steps: int = 0
   t_start: float = 1.0
-  t_star: float = 0.1
+  t_star: float = 0.02
   eta: float = 0.0
-  noise: bool = True
+  noise: bool = False
   level: int | None = None
   seed: int = 0
 
@@ -80,6 +83,8 @@ class Sampling:
       raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
     if self.level is not None and self.level < 0:
       raise ValueError(f"level: must be >= 0, got {self.level}")
+    if self.steps == 0 and self.mode in DEFAULT_STEPS:
+      object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
     if self.samples < 1 or self.steps < 1:
       raise ValueError(f"samples and steps must be >= 1, got {self.samples}, {self.steps}")
     if not 0.0 < self.t_star <= 1.0 or not 0.0 < self.t_start <= 1.0:

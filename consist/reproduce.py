@@ -68,7 +68,7 @@ EVAL_MODES = MODES + (RELAX_MODE,)
 REPORT_METRICS = ("rmsd_mean", "rmsd_heavy_mean", "rmsd_sym_mean", "rmsd_sym_min",
                   "rmsd_heavy_sym_mean", "bond_mae_mean", "dmae_mean", "energy_gap_mean",
                   "energy_gap_min", "force_rms_mean", "force_max_mean", "egap_phi_mean",
-                  "broken_frac", "below_ref_frac", "model_force_rmse")
+                  "broken_frac", "valid_frac", "below_ref_frac", "model_force_rmse")
 
 
 class ReproduceError(ValueError):
@@ -85,10 +85,14 @@ class ReproduceConfig:
       the paired statistics.
     stage1_force_data: whether stage 1 trains with the force data (then every arm starts from a
       model that has seen it, and "no force data" only concerns stage 2).
+    stage1_workdir: an existing run that every seed's arms start from instead of a stage 1 trained
+      per seed (e.g. the bundled models/structure_stage1): the seeds then measure the variation
+      of stage 2 alone (initialisation of new parameters, data order, noise); "" = train stage 1.
     force_weight: loss.forces_weight of runs with force data (0 without).
     split: evaluation split (records with reference minima).
     modes: generation modes evaluated ("denoise", "ddim", "refine"), and "relax" (the cheap
-      structure relaxed on the arm's learned energy to `relax_fmax` eV/Å, FIRE).
+      structure relaxed on the arm's learned energy to `relax_fmax` eV/Å with `relax_method`;
+      "" = `consist.relax.RelaxSettings`' default).
     samples, steps, t_start, t_star, eta, noise: `consist.inference.Sampling` of the evaluation
       (each arm is asked for its model's highest structure level).
     refine_steps: DDIM steps of mode refine (0: `steps`).
@@ -99,6 +103,7 @@ class ReproduceConfig:
   seeds: int = 3
   arms: tuple[str, ...] = tuple(ARMS)
   stage1_force_data: bool = False
+  stage1_workdir: str = ""
   force_weight: float = 10.0
   split: str = "test"
   modes: tuple[str, ...] = EVAL_MODES
@@ -114,6 +119,7 @@ class ReproduceConfig:
   max_molecules: int = 0
   eval_seed: int = 0
   relax_fmax: float = 0.05
+  relax_method: str = ""
 
   @property
   def reference_arm(self) -> str:
@@ -147,6 +153,10 @@ class ReproduceConfig:
     steps = self.refine_steps if mode == "refine" and self.refine_steps else self.steps
     return Sampling(mode=mode, samples=self.samples, steps=steps, t_start=self.t_start,
                     t_star=self.t_star, eta=self.eta, noise=self.noise, seed=self.eval_seed)
+
+  def relax_settings(self) -> RelaxSettings:
+    method = {"method": self.relax_method} if self.relax_method else {}
+    return RelaxSettings(fmax=self.relax_fmax, **method)
 
   def eval_settings(self) -> eval_run.EvalSettings:
     return eval_run.EvalSettings(level=self.level, workers=self.workers,
@@ -293,10 +303,16 @@ class Reproduction:
 
   def train_seed(self, seed: int) -> None:
     rc = self.rc
-    stage1_dir = self.run_dir(seed, "stage1")
-    self._train(f"seed{seed}/stage1", run_config(
-        self.stage1, seed=seed, force_data=rc.stage1_force_data, consistency=False,
-        data_path=self._data_path(rc.stage1_force_data), force_weight=rc.force_weight), stage1_dir)
+    if rc.stage1_workdir:
+      stage1_dir = Path(rc.stage1_workdir)
+      if latest_step(stage1_dir) is None:
+        raise ReproduceError(f"reproduce.stage1_workdir: {stage1_dir} holds no checkpoint")
+    else:
+      stage1_dir = self.run_dir(seed, "stage1")
+      self._train(f"seed{seed}/stage1", run_config(
+          self.stage1, seed=seed, force_data=rc.stage1_force_data, consistency=False,
+          data_path=self._data_path(rc.stage1_force_data), force_weight=rc.force_weight),
+          stage1_dir)
     stage1_step = latest_step(stage1_dir)
     for arm in rc.arms:
       consistency, force_data = ARMS[arm]
@@ -349,7 +365,7 @@ class Reproduction:
     out = {}
     for mode in self.rc.modes:
       relax = mode == RELAX_MODE
-      sampling = RelaxSettings(fmax=self.rc.relax_fmax) if relax else self.rc.sampling(mode)
+      sampling = self.rc.relax_settings() if relax else self.rc.sampling(mode)
       path = self.workdir / "evals" / f"seed{seed}" / arm / f"{mode}.json"
       key = {"step": step, "sampling": dataclasses.asdict(sampling), "settings": settings,
              "mol_ids": mol_ids}
@@ -420,8 +436,10 @@ class Reproduction:
     out.update({
         "dataset": f"{Path(self.data).resolve()} (split {rc.split})",
         "seeds": rc.seeds,
-        "training": (f"stage 1 {s1.train.steps} steps (force data: {rc.stage1_force_data}); every "
-                     f"arm {s2.train.steps} stage-2 steps from it"),
+        "training": ((f"stage 1: the existing run {rc.stage1_workdir}, shared by every seed"
+                      if rc.stage1_workdir else
+                      f"stage 1 {s1.train.steps} steps (force data: {rc.stage1_force_data})")
+                     + f"; every arm {s2.train.steps} stage-2 steps from it"),
         "force data": (f"force loss (weight {rc.force_weight}) + off-equilibrium records; without: "
                        "equilibrium records only, no force labels"),
         "sampling": (f"K={rc.samples} per molecule; ddim {rc.steps} steps from t_start "
@@ -432,7 +450,7 @@ class Reproduction:
     })
     if RELAX_MODE in rc.modes:
       out["relax"] = (f"mode relax: the cheap structure relaxed on each arm's learned energy (FIRE, "
-                      f"fmax {rc.relax_fmax} eV/Å, consist.relax)")
+                      f"fmax {rc.relax_fmax} eV/Å, {rc.relax_settings().method}, consist.relax)")
     if diagnostics:
       cells = [f"{arm} {np.mean([d['rmse'] for d in ds]):.4g}" for arm, ds in diagnostics.items()]
       rms = np.mean([d["rms_accurate"] for ds in diagnostics.values() for d in ds])

@@ -27,12 +27,13 @@ _DATA = flags.DEFINE_string("data", None, "Dataset directory.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _MODE = flags.DEFINE_enum("mode", "refine", list(MODES), "Generation mode.")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule (K).")
-_STEPS = flags.DEFINE_integer("steps", 10, "DDIM steps (ddim, refine).")
+_STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
+                               "(ddim 10, refine 1).")
 _T_START = flags.DEFINE_float("t_start", 1.0, "Start time of denoise / ddim from the prior.")
-_T_STAR = flags.DEFINE_float("t_star", 0.1, "Noise level the cheap structure is taken to (refine).")
+_T_STAR = flags.DEFINE_float("t_star", 0.02, "Noise level the cheap structure is taken to (refine).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0 = deterministic).")
-_NOISE = flags.DEFINE_bool("noise", True, "refine: noise the cheap structure to t_star (SDEdit); "
-                           "--nonoise starts from it unnoised (deterministic).")
+_NOISE = flags.DEFINE_bool("noise", False, "refine: noise the cheap structure to t_star (SDEdit); "
+                           "default: start from it unnoised (deterministic).")
 _STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
                                         "(0 = the training structures' level, 1 = the accurate level "
                                         "consistency trains); default: the model's highest.")

@@ -2,7 +2,7 @@
 
   python -m launch.predict --checkpoint WORKDIR --smiles CCO --smiles c1ccccc1 --out pred.sdf
   python -m launch.predict --input mols.smi|mols.sdf|mols.xyz --out pred.xyz --mode ddim --samples 4
-  python -m launch.predict --input mmff.sdf --out refined.sdf --mode refine --t_star 0.1 --relax
+  python -m launch.predict --input mmff.sdf --out refined.sdf --mode refine --relax
 
 --checkpoint defaults to the bundled pretrained model (models/pretrained). Refine mode starts from
 the input's coordinates (.sdf / .xyz) or builds a seeded ETKDG + MMFF94 structure; --relax polishes
@@ -27,10 +27,11 @@ _INPUT = flags.DEFINE_string("input", None, "Input file: .smi (SMILES [name] per
 _OUT = flags.DEFINE_string("out", None, "Output file: .sdf (bond graph kept) or .xyz (extended XYZ).")
 _MODE = flags.DEFINE_enum("mode", "refine", MODES, "Generation mode.")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule.")
-_STEPS = flags.DEFINE_integer("steps", 10, "DDIM steps (ddim, refine).")
-_T_STAR = flags.DEFINE_float("t_star", 0.1, "Noise level the start structure is taken to in refine mode, (0, 1].")
-_NOISE = flags.DEFINE_bool("noise", True, "refine: noise the start structure to t_star (SDEdit); "
-                           "--nonoise starts from it unnoised (deterministic).")
+_STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
+                               "(ddim 10, refine 1).")
+_T_STAR = flags.DEFINE_float("t_star", 0.02, "Noise level the start structure is taken to in refine mode, (0, 1].")
+_NOISE = flags.DEFINE_bool("noise", False, "refine: noise the start structure to t_star (SDEdit); "
+                           "default: start from it unnoised (deterministic).")
 _STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
                                         "(0 = its training structures' level, 1 = the accurate level "
                                         "consistency trains); default: the model's highest.")
@@ -53,9 +54,11 @@ def _check_sampling_flags() -> None:
   if not 0.0 < _T_STAR.value <= 1.0:
     _fail("t_star", _T_STAR.value, "must lie in (0, 1] (the noise level, as a fraction of the diffusion "
           "time, the start structure is taken to in refine mode; e.g. 0.1)")
-  for flag in (_SAMPLES, _STEPS, _RELAX_STEPS):
+  for flag in (_SAMPLES, _RELAX_STEPS):
     if flag.value < 1:
       _fail(flag.name, flag.value, "must be >= 1")
+  if _STEPS.value < 0:
+    _fail("steps", _STEPS.value, "must be >= 1 (or 0: the mode's default)")
   if _FMAX.value <= 0:
     _fail("fmax", _FMAX.value, "must be positive (eV/Å)")
 

@@ -3,9 +3,11 @@
   python -m launch.reproduce --config configs/reproduce_quickstart.py --workdir runs/repro_qs [--seeds 3]
 
 Re-running the command resumes: finished runs and evaluations are skipped (`consist.reproduce`).
-Writes <workdir>/results/{results.md, summary.json, results.json, *.png}.
+Writes <workdir>/results/{results.md, summary.json, results.json, *.png} and prints one short table
+(mode x arm: mean RMSD, accurate energy gap, valid fraction) with the paths.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,9 +45,11 @@ def main(argv):
     written = Reproduction(config, _WORKDIR.value).run(meta={"command": command})
   except ReproduceError as e:
     sys.exit(f"launch.reproduce: {e}")
-  table = Path(_WORKDIR.value) / "results" / "results.md"
-  print(table.read_text())
-  print("wrote " + ", ".join(str(p) for p in written))
+  from consist.eval import report  # pylint: disable=g-import-not-at-top
+  results = Path(_WORKDIR.value) / "results"
+  print(report.short_table(json.loads((results / "summary.json").read_text())["modes"]))
+  print(f"full tables: {results / 'results.md'}; plots: "
+        + ", ".join(str(p) for p in written if p.suffix == ".png"))
 
 
 if __name__ == "__main__":

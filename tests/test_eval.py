@@ -327,3 +327,30 @@ def test_results_json_roundtrip_and_validation(tmp_path):
   results.arms["multitask"]["2"]["refine"]["energy_gap_mean"].pop()
   with pytest.raises(ValueError, match="'multitask' seed '2' mode 'refine' metric 'energy_gap_mean'"):
     results.validate()
+
+
+def test_connectivity_valid_is_the_perceived_bond_graph():
+  """Valid: RDKit's bonds from the coordinates alone are the graph; a stretched C-O is not."""
+  mol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+  AllChem.EmbedMolecule(mol, randomSeed=1)
+  AllChem.MMFFOptimizeMolecule(mol)
+  z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
+  bonds = np.array([sorted((b.GetBeginAtomIdx(), b.GetEndAtomIdx())) for b in mol.GetBonds()])
+  good = mol.GetConformer().GetPositions()
+  o = int(np.flatnonzero(z == 8)[0])
+  stretched = good.copy()
+  stretched[o] += 1.5 * (good[o] - good[1]) / np.linalg.norm(good[o] - good[1])
+  valid = structure.connectivity_valid(z, bonds, np.stack([good, stretched]))
+  assert valid.tolist() == [True, False]
+
+
+def test_short_table_has_one_row_per_mode_and_arm_and_each_baseline_once():
+  results = _fake_results()
+  summary = report.summarise(results)
+  lines = report.short_table(summary).splitlines()
+  assert "RMSD (Å)" in lines[0] and "GFN2 gap (eV)" in lines[0] and "valid" in lines[0]
+  rows = lines[2:]
+  assert len(rows) == 2 * len(results.arms) + 2  # modes x arms, then cheap and etkdg once
+  cheap = np.nanmean(results.baselines["cheap"]["rmsd_sym_mean"])
+  assert rows[-2].split()[0] == "cheap" and f"{cheap:.4g}" in rows[-2]
+  assert rows[-1].split()[-1] == "–"  # etkdg has no valid_frac here

@@ -75,7 +75,7 @@ def test_min_snr_weighting_caps_small_t_weight(setup):
   assert float(capped) < 0.3 * float(plain)  # weight 1 / SNR <= 0.26 for t <= 0.3
   np.testing.assert_allclose(metrics["denoise_mse"], plain, rtol=1e-6)
   with pytest.raises(ValueError, match="weighting"):
-    multitask.denoising_loss(zero, b, schedule, jax.random.key(0), weighting="edm", **kw)
+    multitask.denoising_loss(zero, b, schedule, jax.random.key(0), weighting="snr", **kw)
 
 
 def test_hvp_equals_finite_differences_of_forces_float64(setup):

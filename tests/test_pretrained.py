@@ -73,3 +73,21 @@ def test_predict_cli_default_model_on_50_smiles(tmp_path):
     expected = Chem.AddHs(Chem.MolFromSmiles(smiles))
     np.testing.assert_array_equal(Chem.GetAdjacencyMatrix(mol, useBO=True),
                                   Chem.GetAdjacencyMatrix(expected, useBO=True), err_msg=smiles)
+
+
+def test_refine_with_the_default_settings_does_no_harm(model):
+  """Issue 13: refine (launch.predict's defaults) started from the test split's MMFF94 structures
+  gives structures at least as close to the GFN2-xTB minima, bonds closer, none broken."""
+  from consist.eval import run as eval_run, structure  # pylint: disable=import-outside-toplevel
+  records = eval_run.evaluation_records(open_dataset(BUNDLED_DATASET)["test"], where="test",
+                                        max_molecules=40)
+  refined = model.sample(records, inference.Sampling(mode="refine"))
+  rmsd, bond = {"in": [], "out": []}, {"in": [], "out": []}
+  for r, pred in zip(records, refined):
+    for key, positions in (("in", r.positions[None]), ("out", pred)):
+      m = structure.molecule_structure_metrics(r.atomic_numbers, r.bonds, positions, r.ref_positions)
+      rmsd[key].append(m["rmsd_sym_mean"])
+      bond[key].append(m["bond_mae_mean"])
+    assert structure.connectivity_valid(r.atomic_numbers, r.bonds, pred).all(), r.mol_id
+  assert np.mean(rmsd["out"]) <= np.mean(rmsd["in"]), (np.mean(rmsd["out"]), np.mean(rmsd["in"]))
+  assert np.mean(bond["out"]) < 0.8 * np.mean(bond["in"]), (np.mean(bond["out"]), np.mean(bond["in"]))

@@ -28,6 +28,35 @@ def test_reproduction_configs_build():
     ReproduceConfig.from_dict({"arms": ["consistency+force"]})
 
 
+def test_pretrained_reproduction_config_freezes_the_bundled_energy_model():
+  c = load_config(REPO / "configs" / "reproduce_pretrained.py")
+  rc = ReproduceConfig.from_dict(c.reproduce.to_dict())
+  s1, s2 = Config.from_config_dict(c.stage1), Config.from_config_dict(c.stage2)
+  assert rc.arms == ("multitask", "consistency") and not rc.noise and rc.refine_steps == 1
+  assert rc.sampling("refine").steps == 1 and rc.sampling("ddim").steps == rc.steps == 10
+  assert s1.train.init_mode == "energy_model" and s1.train.stage == 1
+  for s in (s1, s2):
+    assert s.loss.energy_weight == s.loss.forces_weight == 0 and s.model.trunk == "separate"
+  assert s2.loss.consistency_level == 1 and not s2.loss.optimality_noise
+  assert rc.t_star == s2.loss.optimality_t_range[0]  # refine where consistency trained
+
+
+def test_stage1_workdir_is_every_seeds_stage1_and_is_not_trained(tmp_path, monkeypatch):
+  c = load_config(REPO / "configs" / "reproduce_smoke.py")
+  c.reproduce.update(seeds=3, arms=("multitask",), stage1_workdir=str(tmp_path / "s1"))
+  repro = Reproduction(c, tmp_path / "w", log=lambda _: None)
+  with pytest.raises(ReproduceError, match=r"reproduce.stage1_workdir: .*s1 holds no checkpoint"):
+    repro.train_seed(0)
+  trained = []
+  monkeypatch.setattr(repro, "_train", lambda name, config, workdir: trained.append(
+      (name, config["train"]["init_from"])))
+  monkeypatch.setattr("consist.reproduce.latest_step", lambda workdir: 5 if workdir == tmp_path / "s1" else None)
+  monkeypatch.setattr(repro, "_data_path", lambda force_data: "data")
+  for seed in range(3):
+    repro.train_seed(seed)
+  assert trained == [(f"seed{s}/multitask", str(tmp_path / "s1")) for s in range(3)]
+
+
 def test_arm_configs_differ_only_in_consistency_and_force_data():
   base = load_config(REPO / "configs" / "smoke.py", "stage2")
   configs = {arm: run_config(base, seed=1, force_data=force, consistency=cons, data_path=f"data-{force}",

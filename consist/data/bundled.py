@@ -9,3 +9,6 @@ BUNDLED_DATASET = REPO_ROOT / "data" / "bundled"
 SMOKE_DATASET = REPO_ROOT / "data" / "smoke"
 # The pretrained model trained by `launch.train` on the bundled dataset (default of launch.predict).
 PRETRAINED_MODEL = REPO_ROOT / "models" / "pretrained"
+# The structure model's stage 1 on the pretrained energy model (configs/pretrained.py:structure):
+# what the demo's and the reproduction's stage-2 arms start from.
+STRUCTURE_STAGE1 = REPO_ROOT / "models" / "structure_stage1"

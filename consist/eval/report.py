@@ -185,6 +185,34 @@ def summarise(results: Results, *, metrics: Sequence[str] | None = None,
   return out
 
 
+SHORT_METRICS = (("rmsd_sym_mean", "RMSD (Å)"), ("energy_gap_mean", "GFN2 gap (eV)"),
+                 ("valid_frac", "valid"))
+
+
+def short_table(summary: dict[str, Any]) -> str:
+  """One plain-text table of `summarise`'s output: (mode, arm or baseline) x mean RMSD, accurate
+  energy gap and valid fraction (mean over seeds); baselines once, after the arms."""
+  header = f"{'mode':8s} {'arm':22s} " + " ".join(f"{label:>14s}" for _, label in SHORT_METRICS)
+  lines, baselines = [header, "-" * len(header)], {}
+  for mode, parts in summary.items():
+    for row, metrics in parts["table"].items():
+      if row.endswith("(baseline)"):
+        baselines.setdefault(row, metrics)
+        continue
+      lines.append(_short_row(mode, row, metrics))
+  lines += [_short_row("", row, metrics) for row, metrics in baselines.items()]
+  return "\n".join(lines)
+
+
+def _short_row(mode: str, row: str, metrics: dict[str, Any]) -> str:
+  cells = []
+  for metric, _ in SHORT_METRICS:
+    value = metrics.get(metric, {}).get("mean")
+    cells.append("–" if value is None else (f"{100 * value:.0f}%" if metric == "valid_frac"
+                                           else f"{value:.4g}"))
+  return f"{mode:8s} {row:22s} " + " ".join(f"{c:>14s}" for c in cells)
+
+
 def _fmt(x, digits: int = 4) -> str:
   return "–" if x is None else f"{x:.{digits}g}"
 

@@ -12,7 +12,9 @@ under `failures`), of K structures per molecule:
   accurate   energy_gap = E_acc(R_pred) - E_acc(R_ref) (eV), force_rms and force_max of the accurate
              forces at R_pred (eV/Å), `_mean` / `_min` (`consist.eval.physics`), over the samples
              that are not broken (`geometry_broken`: atoms < 0.5 Å apart or a bond > 3 Å; NaN if all
-             are); broken_frac: the fraction of broken samples;
+             are); broken_frac: the fraction of broken samples; valid_frac: the fraction whose
+             bonds perceived from the coordinates alone (RDKit DetermineConnectivity) are exactly
+             the molecular graph;
   model      (scored with a model) egap_phi_mean / _min = E_phi(R_pred) - E_phi(R_ref) (eV),
              below_ref_frac, e_phi_pred_mean, e_phi_ref, and model_force_rmse: the energy head's
              force RMSE (per component, eV/Å) at the cheap structure against the accurate forces
@@ -284,6 +286,9 @@ def score_predictions(records: Sequence[MoleculeRecord], predictions: Sequence[n
   for i in valid:
     broken = geometry_broken(preds[i], records[i].bonds)
     put("broken_frac", i, broken.mean())
+    if records[i].bonds is not None:
+      put("valid_frac", i, structure.connectivity_valid(
+          records[i].atomic_numbers, records[i].bonds, preds[i], records[i].charge).mean())
     if broken.all():
       failures.setdefault(records[i].mol_id, []).append(
           f"every predicted structure is broken (an atom pair < {MIN_DISTANCE} Å or a bond > "
@@ -291,6 +296,7 @@ def score_predictions(records: Sequence[MoleculeRecord], predictions: Sequence[n
     else:
       whole[i] = preds[i][~broken]
   metrics.setdefault("broken_frac", [math.nan] * m)
+  metrics.setdefault("valid_frac", [math.nan] * m)
   jobs = [physics.AccurateJob.from_record(records[i], p, settings.level) for i, p in whole.items()]
   results = physics.evaluate_accurate(jobs, settings.level, workers=settings.workers,
                                       progress=Progress(f"{label} {settings.level}",

@@ -308,3 +308,28 @@ def molecule_structure_metrics(atomic_numbers, bonds, pred, ref, *,
   """STRUCTURE_METRICS of K samples of one molecule as `<metric>_mean` and `<metric>_min` over K."""
   return aggregate_samples(sample_structure_metrics(atomic_numbers, bonds, pred, ref,
                                                     max_automorphisms=max_automorphisms))
+
+
+def connectivity_valid(atomic_numbers: np.ndarray, bonds: np.ndarray | None,
+                       samples_KN3: np.ndarray, charge: int = 0) -> np.ndarray:
+  """bool [K]: the bonds RDKit perceives from each sample's coordinates alone
+  (`rdDetermineBonds.DetermineConnectivity`, covalent radii) are exactly the graph `bonds` [b, 2]."""
+  from rdkit.Chem import rdDetermineBonds  # pylint: disable=g-import-not-at-top
+
+  expected = set() if bonds is None else {tuple(sorted(map(int, b))) for b in np.asarray(bonds)}
+  out = np.zeros(samples_KN3.shape[0], bool)
+  for k, positions in enumerate(np.asarray(samples_KN3, np.float64)):
+    mol = Chem.RWMol()
+    for z in atomic_numbers:
+      mol.AddAtom(Chem.Atom(int(z)))
+    conformer = Chem.Conformer(len(atomic_numbers))
+    for i, p in enumerate(positions):
+      conformer.SetAtomPosition(i, p.tolist())
+    mol.AddConformer(conformer, assignId=True)
+    try:
+      rdDetermineBonds.DetermineConnectivity(mol, charge=charge)
+    except (ValueError, RuntimeError):
+      continue
+    found = {tuple(sorted((b.GetBeginAtomIdx(), b.GetEndAtomIdx()))) for b in mol.GetBonds()}
+    out[k] = found == expected
+  return out
