@@ -19,7 +19,7 @@ from consist.train import train_and_evaluate
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = run.EvalSettings(workers=0, max_molecules=4)
 STRUCTURE = [f"{m}_{s}" for m in structure.STRUCTURE_METRICS for s in ("mean", "min")]
-ACCURATE = [f"{m}_{s}" for m in physics.ACCURATE_METRICS for s in ("mean", "min")] + ["broken_frac"]
+ACCURATE = [f"{m}_{s}" for m in physics.ACCURATE_METRICS for s in ("mean", "min")] + ["broken_frac", "valid_frac"]
 
 
 def kabsch_rmsd(p, q):
