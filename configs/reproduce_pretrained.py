@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reproduce = dict(
       seeds=3, arms=("multitask", "consistency"), stage1_force_data=False,
       stage1_workdir=str(STRUCTURE_STAGE1), force_weight=10.0,
-      split="test", modes=("refine", "relax"),
+      split="test", modes=("refine", "ddim", "relax"),
       samples=1, steps=10, t_start=1.0, t_star=pretrained.loss.optimality_t_range[0], eta=0.0,
-      noise=False, refine_steps=1, relax_method="fire", level="gfn2-xtb", workers=2, max_molecules=0, eval_seed=0)
+      noise=False, refine_steps=1, level="gfn2-xtb", workers=2, max_molecules=0, eval_seed=0)
   return c

@@ -7,8 +7,10 @@ naming it. Energies are returned as totals in eV: the model's energy plus the ru
 per-element reference (`consist.data.reference`). Loading restores the model parameters alone (the
 EMA ones where the run keeps them; `checkpoint.restore_model_params`): no optimizer, no trainer.
 
-`TrainedModel.relax` relaxes structures on the learned energy with `consist.relax` (FIRE or L-BFGS,
-a whole bucket of molecules per compiled call).
+`TrainedModel.relax` relaxes structures on the learned energy with `consist.relax.StreamRelaxer`
+(BFGS from a model Hessian by default; FIRE, L-BFGS): RELAX_GRAPHS molecules per batch, refilled as
+they converge, on a radius graph at the energy model's cutoff plus RELAX_SKIN, one compilation per
+stream shape.
 
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
@@ -45,6 +47,10 @@ from consist.models import model as model_lib
 from consist.types import GraphBatch
 
 MODES = ("denoise", "ddim", "refine")
+# Relaxation: molecules per batch, and the Verlet skin (Å) of its radius graph (docs/DEVLOG.md,
+# session 5: measured choices).
+RELAX_GRAPHS = 32
+RELAX_SKIN = 1.0
 # Refine: one deterministic x0 prediction from the unnoised input at t* = 0.02 (with the "edm"
 # parameterisation the identity up to an O(s) correction; docs/DEVLOG.md, session 5).
 DEFAULT_STEPS = {"denoise": 1, "ddim": 10, "refine": 1}
@@ -115,7 +121,11 @@ class TrainedModel:
     self.schedule = config.diffusion
     self._energy_forces = jax.jit(functools.partial(model_lib.energy_and_forces, self.model))
     self._sample = jax.jit(self._sample_graphs, static_argnames=("sampling",))
-    self._relax = relax.make_relaxer(functools.partial(model_lib.energy_and_forces, self.model))
+    # The energy model ignores pairs beyond its cutoff (consist.models.mace), so relaxation may use
+    # a radius graph at that cutoff (+ skin) whatever edges the run trained on.
+    self._stream = relax.StreamRelaxer(functools.partial(model_lib.energy_and_forces, self.model),
+                                       fidelities=self.fidelities, cutoff=config.model.energy.cutoff,
+                                       skin=RELAX_SKIN, graphs=RELAX_GRAPHS)
 
   @classmethod
   def load(cls, workdir: str | Path, step: int | None = None) -> "TrainedModel":
@@ -226,26 +236,14 @@ class TrainedModel:
   # --- relaxation on the learned energy ---
   def relax(self, records: Sequence[MoleculeRecord], settings: relax.RelaxSettings = relax.RelaxSettings(),
             progress: Progress | None = None) -> list["Relaxed"]:
-    """Each record's positions relaxed on the learned energy (`consist.relax`, batched through the
-    run's shape buckets: one compilation per bucket and settings), in input order. Energies are
-    totals at the record's `label_fidelity` as in `energy_and_forces`."""
-    out: list[Relaxed | None] = [None] * len(records)
-    done = 0
-    for graphs, indices in self._batches(records):
-      result = jax.device_get(self._relax(self.params, graphs, graphs.positions, settings=settings))
-      for g, (i, nodes) in enumerate(zip(indices, graph_slices(graphs))):
-        steps = int(result.steps[g])
-        out[i] = Relaxed(
-            positions=np.asarray(result.positions[nodes], np.float64),
-            energy=float(result.energy[g]) + self._reference_energy(records[i]),
-            forces=np.asarray(result.forces[nodes], np.float64), fmax=float(result.fmax[g]), steps=steps,
-            converged=bool(result.converged[g]),
-            trajectory=(None if result.trajectory is None
-                        else np.asarray(result.trajectory[:steps + 1, nodes], np.float64)))
-      done += len(indices)
-      if progress is not None:
-        progress(done, len(records))
-    return out
+    """Each record's positions relaxed on the learned energy (`consist.relax.StreamRelaxer`: one
+    batch refilled as molecules finish, compiled once per stream shape and settings), in input
+    order. Energies are totals at the record's `label_fidelity` as in `energy_and_forces`."""
+    results = self._stream.relax(self.params, records, settings, progress=progress)
+    return [Relaxed(positions=r.positions, energy=r.energy + self._reference_energy(record), forces=r.forces,
+                    fmax=r.fmax, steps=r.steps, converged=r.converged, trajectory=r.trajectory,
+                    evaluations=r.evaluations)
+            for record, r in zip(records, results)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +256,7 @@ class Relaxed:
     fmax: max atomic force there, eV/Å; converged: fmax < the settings' fmax.
     steps: optimiser steps the molecule moved (the step limit if it did not converge).
     trajectory: [steps + 1, n, 3] Å, start to end, when the settings ask for it.
+    evaluations: energy + forces evaluations spent on it.
   """
 
   positions: np.ndarray
@@ -267,6 +266,7 @@ class Relaxed:
   steps: int
   converged: bool
   trajectory: np.ndarray | None = None
+  evaluations: int = 0
 
 
 class CheckpointError(ValueError):

@@ -16,7 +16,11 @@ Force data = the accurate force labels (the force loss at weight `force_weight`,
 consistency) together with the off-equilibrium records (perturbed structures with energies and
 forces). A run without force data trains on `data/no_force_data/`: the train and val splits
 reduced to their equilibrium records with the force labels removed, and `loss.forces_weight = 0`.
-Both see the same energy labels at the equilibrium (cheap) structures.
+Both see the same energy labels at the equilibrium (cheap) structures. With
+`stage2.loss.optimality_form = "relaxed"` every arm of a seed trains stage 2 on that data written
+again with the minima of the stage-1 run's (frozen) learned energy as references
+(`consist.relaxed_targets`, `data/<name>-relaxed-<energy model fingerprint>/`, once per energy
+model): the same records in the same order for every arm; only the consistency arms use them.
 
 Evaluation: the final checkpoint of every arm in every mode of `modes` on `split`
 (`consist.eval.run`), and the baselines (cheap structure, ETKDG) once, under evals/. Mode "relax" is
@@ -53,6 +57,7 @@ from consist.eval import report
 from consist.eval import run as eval_run
 from consist.inference import MODES, Sampling, TrainedModel
 from consist.relax import RelaxSettings
+from consist.relaxed_targets import write_relaxed_targets
 from consist.train import train_and_evaluate
 
 ARMS = {  # name: (consistency terms on, force data on)
@@ -98,6 +103,9 @@ class ReproduceConfig:
     refine_steps: DDIM steps of mode refine (0: `steps`).
     level, workers, max_molecules: `consist.eval.run.EvalSettings`.
     eval_seed: sampling seed and ETKDG seed.
+    relaxed_data: with stage2.loss.optimality_form "relaxed": an existing dataset of
+      `launch.relaxed_targets` for the stage-1 energy model (checked by its fingerprint), used
+      instead of writing one (e.g. the bundled data/relaxed_stage1); "" = write it.
   """
 
   seeds: int = 3
@@ -120,6 +128,7 @@ class ReproduceConfig:
   eval_seed: int = 0
   relax_fmax: float = 0.05
   relax_method: str = ""
+  relaxed_data: str = ""
 
   @property
   def reference_arm(self) -> str:
@@ -280,6 +289,34 @@ class Reproduction:
       self.log(f"writing {dest} (equilibrium records of {self.splits}, no force labels)")
     return str(write_no_force_data(self.data, dest, self.splits))
 
+  def _stage2_data_path(self, force_data: bool, stage1_dir: Path) -> str:
+    """The stage-2 data of an arm: with the "relaxed" optimality form, its data with the minima of
+    stage 1's learned energy as references (written once per energy model)."""
+    source = self._data_path(force_data)
+    if Config.from_config_dict(self.stage2).loss.optimality_form != "relaxed":
+      return source
+    model = TrainedModel.load(stage1_dir)
+    fingerprint = energy_model_fingerprint(model.params)
+    if self.rc.relaxed_data:
+      if force_data:
+        raise ReproduceError("reproduce.relaxed_data holds equilibrium records without force data; the "
+                             "arms with force data write their own: set it to ''")
+      given = open_dataset(self.rc.relaxed_data).attrs.get("energy_model_fingerprint")
+      if given != fingerprint:
+        raise ReproduceError(f"reproduce.relaxed_data: {self.rc.relaxed_data} holds minima of another "
+                             f"energy model ({given}) than {stage1_dir}'s ({fingerprint})")
+      return self.rc.relaxed_data
+    dest = self.workdir / "data" / f"{Path(source).name}-relaxed-{fingerprint[:12]}"
+    if not (dest / "dataset.json").exists():
+      self.log(f"writing {dest} (the equilibrium records of {self.splits} relaxed on the learned "
+               f"energy of {stage1_dir})")
+      t0 = time.perf_counter()
+      write_relaxed_targets(model, source, dest, self.splits, fingerprint=fingerprint, log=self.log,
+                            progress_for=lambda split: eval_run.Progress(
+                                f"relaxing {split}", enabled=self.show_progress))
+      self._timing(f"relaxed targets {dest.name}", time.perf_counter() - t0)
+    return str(dest)
+
   def run_dir(self, seed: int, name: str) -> Path:
     return self.workdir / "runs" / f"seed{seed}" / name
 
@@ -323,7 +360,7 @@ class Reproduction:
                              f"but {stage1_dir} is at step {stage1_step}; use a new workdir")
       self._train(f"seed{seed}/{arm}", run_config(
           self.stage2, seed=seed, force_data=force_data, consistency=consistency,
-          data_path=self._data_path(force_data), force_weight=rc.force_weight,
+          data_path=self._stage2_data_path(force_data, stage1_dir), force_weight=rc.force_weight,
           init_from=str(stage1_dir)), workdir)
 
   # --------------------------------------------------------------------------------- evaluation
@@ -449,8 +486,8 @@ class Reproduction:
         "accurate level": rc.level,
     })
     if RELAX_MODE in rc.modes:
-      out["relax"] = (f"mode relax: the cheap structure relaxed on each arm's learned energy (FIRE, "
-                      f"fmax {rc.relax_fmax} eV/Å, {rc.relax_settings().method}, consist.relax)")
+      out["relax"] = (f"mode relax: the cheap structure relaxed on each arm's learned energy ("
+                      f"{rc.relax_settings().method}, fmax {rc.relax_fmax} eV/Å, consist.relax)")
     if diagnostics:
       cells = [f"{arm} {np.mean([d['rmse'] for d in ds]):.4g}" for arm, ds in diagnostics.items()]
       rms = np.mean([d["rms_accurate"] for ds in diagnostics.values() for d in ds])

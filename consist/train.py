@@ -33,6 +33,7 @@ from consist.data.budgets import Buckets, cutoff_edge_counts, full_graph_edge_co
 from consist.data.pipeline import InputPipeline, to_global
 from consist.data.reference import EnergyReference
 from consist.data.store import Dataset, Store, open_dataset
+from consist.losses.optimality import RELAXED_TAG
 from consist.losses.total import LossConfig, total_loss
 from consist.models import model as model_lib
 from consist.models.statistics import resolve_energy_config
@@ -65,6 +66,8 @@ def required_labels(loss: LossConfig) -> dict[str, str]:
   for name in ("denoise_weight", "optimality_weight"):
     if getattr(loss, name) > 0:
       need.setdefault("is_equilibrium", f"loss.{name}")
+  if loss.optimality_weight > 0 and loss.optimality_form == "relaxed":
+    need["ref_positions"] = "loss.optimality_form='relaxed'"
   return need
 
 
@@ -76,6 +79,13 @@ def check_labels(store: Store, split: str, path: str, loss: LossConfig) -> None:
       raise DatasetLabelError(
           f"{path}: split {split!r} has no '{label}' labels ({len(store)} records), but {term} > 0 "
           f"needs them; set {term}=0 or use a dataset with {label} labels")
+  if "ref_positions" in required_labels(loss):
+    tags = store.summary()["fidelity_tags"]["ref"]
+    if set(tags) != {RELAXED_TAG}:
+      raise DatasetLabelError(
+          f"{path}: split {split!r} has reference structures at {sorted(tags)}, but "
+          f"loss.optimality_form='relaxed' trains toward minima of the learned energy "
+          f"({RELAXED_TAG!r}); write them with `python -m launch.relaxed_targets`")
 
 
 def _open_split(dataset: Dataset, split: str, path: str, key: str = "data") -> Store:

@@ -19,33 +19,23 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from launch import _cli
+from launch import _sampling_flags as sf
 
-from consist.inference import MODES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train (latest checkpoint).")
 _DATA = flags.DEFINE_string("data", None, "Dataset directory.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
-_MODE = flags.DEFINE_enum("mode", "refine", list(MODES), "Generation mode.")
-_SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule (K).")
-_STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
-                               "(ddim 10, refine 1).")
 _T_START = flags.DEFINE_float("t_start", 1.0, "Start time of denoise / ddim from the prior.")
-_T_STAR = flags.DEFINE_float("t_star", 0.02, "Noise level the cheap structure is taken to (refine).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0 = deterministic).")
-_NOISE = flags.DEFINE_bool("noise", False, "refine: noise the cheap structure to t_star (SDEdit); "
-                           "default: start from it unnoised (deterministic).")
-_STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
-                                        "(0 = the training structures' level, 1 = the accurate level "
-                                        "consistency trains); default: the model's highest.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and the ETKDG baseline's).")
 _LEVEL = flags.DEFINE_string("level", "gfn2-xtb", "Accurate level of theory (consist.levels name).")
 _WORKERS = flags.DEFINE_integer("workers", min(2, os.cpu_count() or 1),
                                 "Processes for the accurate level (0 = in this process).")
 _MAX_MOLECULES = flags.DEFINE_integer("max_molecules", 0, "Evenly spaced subset size (0 = all).")
 _BASELINES = flags.DEFINE_list("baselines", ["cheap", "etkdg", "relax"], "Baselines to score ('' for none).")
-_RELAX_FMAX = flags.DEFINE_float("relax_fmax", 0.05, "relax baseline: FIRE to this max force, eV/Å.")
-_RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "relax baseline: at most this many FIRE steps.")
+_RELAX_FMAX = flags.DEFINE_float("relax_fmax", 0.05, "relax baseline: to this max force, eV/Å.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON file.")
+flags.adopt_module_key_flags(sf)  # --help lists the shared sampling flags too
 flags.mark_flags_as_required(["workdir", "data", "out"])
 
 
@@ -61,12 +51,12 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--baselines: unknown {sorted(unknown)}; expected some of {known}")
   try:
-    sampling = run.Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value,
-                            t_start=_T_START.value, t_star=_T_STAR.value, eta=_ETA.value,
-                            noise=_NOISE.value, level=_STRUCTURE_LEVEL.value, seed=_SEED.value)
+    sampling = run.Sampling(mode=sf.MODE.value, samples=sf.SAMPLES.value, steps=sf.STEPS.value,
+                            t_start=_T_START.value, t_star=sf.T_STAR.value, eta=_ETA.value,
+                            noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
     settings = run.EvalSettings(level=_LEVEL.value, workers=_WORKERS.value,
                                 max_molecules=_MAX_MOLECULES.value, etkdg_seed=_SEED.value)
-    relax = run.RelaxSettings(fmax=_RELAX_FMAX.value, max_steps=_RELAX_STEPS.value)
+    relax = run.RelaxSettings(fmax=_RELAX_FMAX.value, max_steps=sf.RELAX_STEPS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
@@ -80,8 +70,8 @@ def main(argv):
   out.write_text(json.dumps(result, indent=1))
   rows = {"model": result["model"]["summary"]}
   rows.update({name: b["summary"] for name, b in result["baselines"].items()})
-  print(f"{len(result['mol_ids'])} molecules of {_DATA.value}:{_SPLIT.value}, mode {_MODE.value}, "
-        f"K={_SAMPLES.value} -> {out}")
+  print(f"{len(result['mol_ids'])} molecules of {_DATA.value}:{_SPLIT.value}, mode {sf.MODE.value}, "
+        f"K={sf.SAMPLES.value} -> {out}")
   for metric in ("rmsd_sym_mean", "rmsd_heavy_sym_mean", "bond_mae_mean", "energy_gap_mean",
                  "force_rms_mean", "egap_phi_mean"):
     cells = " ".join(f"{row}={_fmt(s.get(metric, {}).get('mean'))}" for row, s in rows.items())

@@ -6,9 +6,9 @@
 
 --checkpoint defaults to the bundled pretrained model (models/pretrained). Refine mode starts from
 the input's coordinates (.sdf / .xyz) or builds a seeded ETKDG + MMFF94 structure; --relax polishes
-every structure on the learned energy (batched FIRE). Molecules that cannot be predicted (unparsable,
-an element the model never saw, larger than every shape bucket, embedding failure) are listed with
-their reason at the end; the exit status is non-zero only if nothing was predicted. The output file
+every structure on the learned energy (batched BFGS from a model Hessian). Molecules that cannot be
+predicted (unparsable, an element the model never saw, larger than every shape bucket, embedding
+failure) are listed with their reason at the end; the exit status is non-zero only if nothing was predicted. The output file
 is written atomically, and not at all if nothing was predicted.
 """
 
@@ -17,28 +17,18 @@ import sys
 from absl import app, flags, logging
 
 from launch import _cli
-
-from consist.inference import MODES
+from launch import _sampling_flags as sf
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Workdir of a launch.train run (default: the bundled models/pretrained).")
 _SMILES = flags.DEFINE_multi_string("smiles", None, "A SMILES to predict (repeatable).")
 _INPUT = flags.DEFINE_string("input", None, "Input file: .smi (SMILES [name] per line), .sdf or .xyz (extended).")
 _OUT = flags.DEFINE_string("out", None, "Output file: .sdf (bond graph kept) or .xyz (extended XYZ).")
-_MODE = flags.DEFINE_enum("mode", "refine", MODES, "Generation mode.")
-_SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule.")
-_STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
-                               "(ddim 10, refine 1).")
-_T_STAR = flags.DEFINE_float("t_star", 0.02, "Noise level the start structure is taken to in refine mode, (0, 1].")
-_NOISE = flags.DEFINE_bool("noise", False, "refine: noise the start structure to t_star (SDEdit); "
-                           "default: start from it unnoised (deterministic).")
-_STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
-                                        "(0 = its training structures' level, 1 = the accurate level "
-                                        "consistency trains); default: the model's highest.")
-_RELAX = flags.DEFINE_bool("relax", False, "Relax each structure on the learned energy (batched FIRE).")
+_RELAX = flags.DEFINE_bool("relax", False, "Relax each structure on the learned energy (batched BFGS from "
+                           "a model Hessian).")
 _FMAX = flags.DEFINE_float("fmax", 0.05, "--relax threshold: max atomic force, eV/Å.")
-_RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "--relax: at most this many FIRE steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of embeddings and sampling.")
+flags.adopt_module_key_flags(sf)  # --help lists the shared sampling flags too
 flags.mark_flag_as_required("out")
 
 
@@ -51,14 +41,14 @@ def _fail(flag: str, value, message: str) -> None:
 
 def _check_sampling_flags() -> None:
   """The sampling flags, named as the user typed them (before the model is loaded)."""
-  if not 0.0 < _T_STAR.value <= 1.0:
-    _fail("t_star", _T_STAR.value, "must lie in (0, 1] (the noise level, as a fraction of the diffusion "
+  if not 0.0 < sf.T_STAR.value <= 1.0:
+    _fail("t_star", sf.T_STAR.value, "must lie in (0, 1] (the noise level, as a fraction of the diffusion "
           "time, the start structure is taken to in refine mode; e.g. 0.1)")
-  for flag in (_SAMPLES, _RELAX_STEPS):
+  for flag in (sf.SAMPLES, sf.RELAX_STEPS):
     if flag.value < 1:
       _fail(flag.name, flag.value, "must be >= 1")
-  if _STEPS.value < 0:
-    _fail("steps", _STEPS.value, "must be >= 1 (or 0: the mode's default)")
+  if sf.STEPS.value < 0:
+    _fail("steps", sf.STEPS.value, "must be >= 1 (or 0: the mode's default)")
   if _FMAX.value <= 0:
     _fail("fmax", _FMAX.value, "must be positive (eV/Å)")
 
@@ -76,8 +66,8 @@ def main(argv):
   from consist.predict import molecules, run, writers  # pylint: disable=g-import-not-at-top
 
   try:
-    sampling = inference.Sampling(mode=_MODE.value, samples=_SAMPLES.value, steps=_STEPS.value, t_star=_T_STAR.value,
-                                  noise=_NOISE.value, level=_STRUCTURE_LEVEL.value, seed=_SEED.value)
+    sampling = inference.Sampling(mode=sf.MODE.value, samples=sf.SAMPLES.value, steps=sf.STEPS.value,
+                                  t_star=sf.T_STAR.value, noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
@@ -99,7 +89,7 @@ def main(argv):
   except inference.CheckpointError as e:
     _fail("checkpoint", _CHECKPOINT.value or PRETRAINED_MODEL, str(e))
   report = run.predict_to_file(model, inputs, _OUT.value, sampling, relax=_RELAX.value, fmax=_FMAX.value,
-                               relax_steps=_RELAX_STEPS.value)
+                               relax_steps=sf.RELAX_STEPS.value)
   print(report.summary(), flush=True)
   if not report.structures:
     sys.exit("launch.predict: no molecule could be predicted; no output written")

@@ -8,6 +8,7 @@ import pytest
 from consist import diffusion, synthetic
 from consist.data.batching import Budget
 from consist.losses import multitask, optimality, score, total
+from consist.eval.structure import kabsch_align
 from consist.losses.masking import graph_mean, masked_mean
 from consist.models import model as model_lib
 from tests import model_fixtures as fx
@@ -108,7 +109,7 @@ def test_hvp_equals_finite_differences_of_forces_float64(setup):
 
 
 @pytest.mark.parametrize("term,form", [("optimality", "stationarity"), ("optimality", "descent"),
-                                       ("score", None)])
+                                       ("optimality", "relaxed"), ("score", None)])
 @pytest.mark.parametrize("routing", total.CONSISTENCY_PARAMS)
 def test_consistency_gradient_routing(setup, term, form, routing):
   b, model, params = setup
@@ -126,6 +127,28 @@ def test_consistency_gradient_routing(setup, term, form, routing):
   assert norm(grads["energy_model"]) == 0.0
   assert norm(grads["structure_head"]) > 0.0
   assert (norm(grads["encoder"]) > 0.0) == (routing == "structure_head+encoder")
+
+
+def test_relaxed_form_is_the_distance_to_the_minimum_in_the_predicted_frame():
+  eq = fx.world().equilibrium_records()
+  b = fx.batch(eq)  # ref_positions: the accurate minima
+  rotation = jnp.asarray(fx.random_orthogonal(np.random.default_rng(0), reflect=False), jnp.float32)
+  moved = b.replace(ref_positions=jnp.where(b.node_mask[:, None], b.positions @ rotation.T
+                                            + jnp.array([[3.0, -1.0, 2.0]]), 0.0))
+  real = np.asarray(b.graph_mask)
+  # A target that is the structure itself, rotated and translated, is at distance 0: the minimum
+  # is taken in the frame of batch.positions, where R_hat is predicted.
+  np.testing.assert_allclose(optimality.distance_to_minimum(b.positions, moved)[real], 0.0, atol=1e-9)
+  got = np.asarray(optimality.distance_to_minimum(b.positions, b))[real]
+  for g, r in enumerate(eq):
+    target = kabsch_align(r.ref_positions, r.positions)
+    np.testing.assert_allclose(got[g], np.mean(np.sum((r.positions - target) ** 2, -1)), rtol=1e-4)
+  # Graphs without a target do not count.
+  no_ref = b.replace(ref_mask=jnp.zeros_like(b.ref_mask))
+  model, params = fx.model_and_params(example=b)
+  config = total.LossConfig(optimality_weight=1.0, optimality_form="relaxed")
+  terms = total.consistency_terms(model, diffusion.Schedule(), config, params, no_ref, jax.random.key(0))
+  assert float(terms["optimality"][0]) == 0.0
 
 
 def test_total_loss_reports_every_enabled_term(setup):

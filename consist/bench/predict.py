@@ -2,7 +2,10 @@
 
 On molecules of the bundled test split, from their MMFF94 structures (the records' own positions):
   refine, denoise (one-step de novo), ddim (de novo, `DDIM_STEPS` steps): `TrainedModel.sample`;
-  relax, relax_lbfgs: `TrainedModel.relax`, FIRE / L-BFGS on the learned energy to `RELAX_FMAX` eV/Å;
+  relax, relax_fire, relax_lbfgs: `TrainedModel.relax` (a refilled batch on a radius graph,
+    `consist.relax.StreamRelaxer`) on the learned energy to `RELAX_FMAX` eV/Å: BFGS from Lindh's
+    model Hessian (the default), FIRE, L-BFGS; with steps and energy evaluations per molecule and
+    the batch occupancy (molecule-evaluations / batch slots x loop iterations);
   gfn2_xtb_relax: GFN2-xTB relaxation (tblite through ASE BFGS, `XTB_FMAX` eV/Å) in `workers`
     spawned processes with one OpenMP thread each, warmed up before the clock starts.
 Each model mode runs twice over the same molecules: the first pass compiles every shape bucket it
@@ -13,6 +16,7 @@ model molecules/s over GFN2-xTB molecules/s.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -116,15 +120,30 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
     timing.pop("_out")
     result["modes"][name] = {"sampling": {"mode": sampling.mode, "steps": sampling.steps,
                                           "t_star": sampling.t_star}, **timing}
-  for name, method in (("relax", "fire"), ("relax_lbfgs", "lbfgs")):
+  stream = model._stream  # pylint: disable=protected-access
+  for name, method in (("relax", "bfgs"), ("relax_fire", "fire"), ("relax_lbfgs", "lbfgs")):
     settings = RelaxSettings(method=method, fmax=RELAX_FMAX, max_steps=500)
-    timing = _twice(lambda s=settings: model.relax(records, s), len(records))
+
+    def relax_pass(s=settings):
+      stream.stats = {k: 0 for k in stream.stats}
+      return model.relax(records, s)
+
+    timing = _twice(relax_pass, len(records))
     relaxed = timing.pop("_out")
+    stats = dict(stream.stats)  # of the steady (second) pass
     result["modes"][name] = {
-        "settings": {"method": settings.method, "fmax": settings.fmax, "max_steps": settings.max_steps},
+        "settings": {"method": settings.method, "hessian": settings.hessian, "fmax": settings.fmax,
+                     "max_steps": settings.max_steps},
+        "batch": {"graphs": stream.graphs, "cutoff": stream.cutoff, "skin": stream.skin,
+                  "shape": dataclasses.asdict(stream.shape_for(records))},
         **timing, "converged_frac": float(np.mean([r.converged for r in relaxed])),
         "mean_steps": float(np.mean([r.steps for r in relaxed])),
-        "max_steps_taken": int(max(r.steps for r in relaxed))}
+        "mean_evaluations": float(np.mean([r.evaluations for r in relaxed])),
+        "max_steps_taken": int(max(r.steps for r in relaxed)),
+        "mean_energy": float(np.mean([r.energy for r in relaxed])),
+        "occupancy": sum(r.evaluations for r in relaxed) / max(stats["slot_capacity"], 1),
+        "loop_calls": stats["calls"], "neighbour_rebuilds": stats["rebuilds"],
+        "loop_s": stats["loop_s"]}
   xtb = xtb_throughput(records[:max(len(records) // 2, 8)] if quick else records, workers)
   result["gfn2_xtb_relax"] = xtb
   result["ratio_over_gfn2_xtb_relax"] = {name: m["molecules_per_s"] / xtb["molecules_per_s"]

@@ -1,0 +1,20 @@
+"""The sampling and relaxation flags `launch.predict` and `launch.evaluate` share (one definition
+each; `consist.inference.Sampling` and `consist.relax.RelaxSettings` document them)."""
+
+from absl import flags
+
+from consist.inference import MODES
+
+MODE = flags.DEFINE_enum("mode", "refine", list(MODES), "Generation mode.")
+SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule (K).")
+STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
+                             "(ddim 10, refine 1).")
+T_STAR = flags.DEFINE_float("t_star", 0.02, "Noise level the start (cheap) structure is taken to in refine "
+                            "mode, (0, 1].")
+NOISE = flags.DEFINE_bool("noise", False, "refine: noise the start structure to t_star (SDEdit); "
+                          "default: start from it unnoised (deterministic).")
+STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
+                                       "(0 = its training structures' level, 1 = the accurate level "
+                                       "consistency trains); default: the model's highest.")
+RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "Relaxation on the learned energy (batched BFGS "
+                                   "from a model Hessian): at most this many steps per molecule.")

@@ -1,0 +1,58 @@
+"""Writes a dataset whose equilibrium records carry the minima of a run's learned energy as
+references: the targets of stage-2 training with `--config.loss.optimality_form=relaxed`.
+
+  python -m launch.relaxed_targets --model models/structure_stage1 --data data/bundled \
+      --splits train,val --out runs/relaxed_data
+
+Each equilibrium record is relaxed from its own structure on the run's energy model (batched BFGS
+from a model Hessian, `consist.relax`) to --fmax eV/Å; see `consist.relaxed_targets`. The source
+dataset is not modified; an existing complete --out is reused, not overwritten.
+"""
+
+import sys
+import time
+
+from absl import app, flags, logging
+
+from launch import _cli
+
+_MODEL = flags.DEFINE_string("model", None, "Run directory of launch.train whose energy model is relaxed on.")
+_DATA = flags.DEFINE_string("data", None, "Source dataset directory.")
+_SPLITS = flags.DEFINE_list("splits", ["train", "val"], "Splits to write.")
+_OUT = flags.DEFINE_string("out", None, "Output dataset directory.")
+_FMAX = flags.DEFINE_float("fmax", 0.05, "Convergence threshold on the max atomic force, eV/Å.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", 500, "Step limit per molecule (unconverged ones get no target).")
+flags.mark_flags_as_required(["model", "data", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from consist import relax  # after flag parsing: imports jax
+  from consist.inference import CheckpointError, TrainedModel
+  from consist.eval.run import Progress
+  from consist.relaxed_targets import write_relaxed_targets
+  from consist.reproduce import energy_model_fingerprint
+
+  try:
+    settings = relax.RelaxSettings(fmax=_FMAX.value, max_steps=_MAX_STEPS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    model = TrainedModel.load(_MODEL.value)
+  except CheckpointError as e:
+    raise _cli.UserError(f"--model: {e}") from e
+  t0 = time.perf_counter()
+  try:
+    out = write_relaxed_targets(model, _DATA.value, _OUT.value, _SPLITS.value, settings,
+                                fingerprint=energy_model_fingerprint(model.params),
+                                progress_for=lambda split: Progress(f"relaxing {split}"))
+  except ValueError as e:
+    raise _cli.UserError(f"--data/--splits: {e}") from e
+  print(f"{out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  _cli.run(main, "launch.relaxed_targets")
