@@ -11,6 +11,7 @@ dataset is not modified; an existing complete --out is reused, not overwritten.
 
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -29,28 +30,42 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   from consist import relax  # after flag parsing: imports jax
-  from consist.inference import CheckpointError, TrainedModel
+  from consist.data.store import open_dataset
   from consist.eval.run import Progress
+  from consist.inference import CheckpointError, load_model
   from consist.relaxed_targets import write_relaxed_targets
   from consist.reproduce import energy_model_fingerprint
 
+  if _FMAX.value <= 0:
+    raise app.UsageError(f"--fmax={_FMAX.value}: must be > 0 (eV/Å)")
+  if _MAX_STEPS.value < 1:
+    raise app.UsageError(f"--max_steps={_MAX_STEPS.value}: must be >= 1")
+  settings = relax.RelaxSettings(fmax=_FMAX.value, max_steps=_MAX_STEPS.value)
   try:
-    settings = relax.RelaxSettings(fmax=_FMAX.value, max_steps=_MAX_STEPS.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    splits = open_dataset(_DATA.value).splits
+  except (ValueError, OSError) as e:
+    raise _cli.UserError(f"--data={_DATA.value}: {e}") from e
+  missing = [s for s in _SPLITS.value if s not in splits]
+  if missing:
+    raise _cli.UserError(f"--splits: {_DATA.value} has no split(s) {missing} (splits: {sorted(splits)})")
+  out = Path(_OUT.value)
+  if out.exists() and out.resolve() == Path(_DATA.value).resolve():
+    raise _cli.UserError(f"--out={out}: is --data; the source is never modified, give a new path")
+  if out.exists() and not (out / "dataset.json").exists():
+    raise _cli.UserError(f"--out={out}: exists and is not a dataset; give a new path")
+  if (out / "dataset.json").exists():
+    print(f"{out}: exists, reused (delete it to write it again)", file=sys.stderr)
+    return
   try:
-    model = TrainedModel.load(_MODEL.value)
+    model = load_model(_MODEL.value)
   except CheckpointError as e:
     raise _cli.UserError(f"--model: {e}") from e
   t0 = time.perf_counter()
-  try:
-    out = write_relaxed_targets(model, _DATA.value, _OUT.value, _SPLITS.value, settings,
-                                fingerprint=energy_model_fingerprint(model.params),
-                                progress_for=lambda split: Progress(f"relaxing {split}"))
-  except ValueError as e:
-    raise _cli.UserError(f"--data/--splits: {e}") from e
+  write_relaxed_targets(model, _DATA.value, out, _SPLITS.value, settings,
+                        fingerprint=energy_model_fingerprint(model.params),
+                        progress_for=lambda split: Progress(f"relaxing {split}"))
   print(f"{out} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
 

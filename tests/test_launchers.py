@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHERS = ("train", "convert", "inspect", "predict", "evaluate", "reproduce", "build_dataset")
+LAUNCHERS = ("train", "convert", "inspect", "predict", "evaluate", "reproduce", "build_dataset",
+             "relaxed_targets")
 
 
 def launch(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -76,3 +77,9 @@ def test_other_launchers_flag_errors_are_one_line(tmp_path):
   assert out.returncode == 2 and "--config" in one_line_error(out, "launch.reproduce")
   out = launch("build_dataset")
   assert out.returncode == 2 and "nothing to do" in one_line_error(out, "launch.build_dataset")
+  out = launch("relaxed_targets", f"--model={tmp_path / 'no_run'}", "--data=data/smoke", f"--out={tmp_path / 'o'}")
+  assert out.returncode == 2 and "--model" in one_line_error(out, "launch.relaxed_targets")
+  out = launch("relaxed_targets", "--model=models/pretrained", "--data=data/smoke", f"--out={tmp_path / 'o'}",
+               "--fmax=0")
+  assert out.returncode == 2 and "--fmax=0.0" in one_line_error(out, "launch.relaxed_targets")
+  assert not (tmp_path / "o").exists()
