@@ -1,6 +1,7 @@
 """The minima of a run's learned energy as stage-2 targets: the dataset writer, the "relaxed"
 optimality form's training-data checks, and a stage-2 run on them."""
 
+import functools
 import hashlib
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def _tree_digest(path: Path) -> str:
 def relaxed_data(model, tmp_path_factory):
   dest = tmp_path_factory.mktemp("relaxed") / "data"
   before = _tree_digest(Path(SMOKE_DATASET))
-  write_relaxed_targets(model, SMOKE_DATASET, dest, ["train"], relax.RelaxSettings(fmax=0.05, max_steps=1000),
+  write_relaxed_targets(model, SMOKE_DATASET, dest, ["train"], relax.RelaxSettings(fmax=0.05, max_steps=300),
                         fingerprint="test", log=lambda _: None)
   assert _tree_digest(Path(SMOKE_DATASET)) == before  # the source is never modified
   return dest
@@ -76,8 +77,13 @@ def test_relaxed_form_trains_on_targets_and_refuses_other_references(workdir, re
 
 
 def test_reproduction_writes_targets_once_per_energy_model_and_checks_given_ones(workdir, relaxed_data,
-                                                                                 tmp_path):
+                                                                                 tmp_path, monkeypatch):
+  from consist import reproduce  # pylint: disable=g-import-not-at-top
   from consist.reproduce import Reproduction, ReproduceError, load_config  # pylint: disable=g-import-not-at-top
+
+  # The wiring is under test here, not the minima (above): short relaxations.
+  monkeypatch.setattr(reproduce, "write_relaxed_targets", functools.partial(
+      write_relaxed_targets, settings=relax.RelaxSettings(max_steps=10)))
 
   c = load_config(Path(__file__).resolve().parents[1] / "configs" / "reproduce_smoke.py")
   c.stage2.loss.update(optimality_form="relaxed", optimality_noise=False)
@@ -86,8 +92,9 @@ def test_reproduction_writes_targets_once_per_energy_model_and_checks_given_ones
   repro = Reproduction(c, tmp_path / "w", log=logged.append, show_progress=False)
   path = Path(repro._stage2_data_path(False, workdir))  # pylint: disable=protected-access
   assert path.parent == tmp_path / "w" / "data" and "-relaxed-" in path.name
-  assert open_dataset(path)["train"].summary()["fidelity_tags"]["ref"] == {
-      RELAXED_TAG: open_dataset(path)["train"].summary()["labels"]["ref_positions"]}
+  assert set(open_dataset(path)["train"].summary()["fidelity_tags"]["ref"]) <= {RELAXED_TAG}
+  fingerprint = reproduce.energy_model_fingerprint(reproduce.TrainedModel.load(workdir).params)
+  assert open_dataset(path).attrs["energy_model_fingerprint"] == fingerprint and fingerprint[:12] in path.name
   n_logged = len(logged)
   assert Path(repro._stage2_data_path(False, workdir)) == path and len(logged) == n_logged  # reused
   c.reproduce.relaxed_data = str(relaxed_data)  # written with fingerprint "test": another model's
