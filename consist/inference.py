@@ -8,7 +8,7 @@ per-element reference (`consist.data.reference`). Loading restores the model par
 EMA ones where the run keeps them; `checkpoint.restore_model_params`): no optimizer, no trainer.
 
 `TrainedModel.relax` relaxes structures on the learned energy with `consist.relax.StreamRelaxer`
-(BFGS from a model Hessian by default; FIRE, L-BFGS): RELAX_GRAPHS molecules per batch, refilled as
+(FIRE by default; L-BFGS, BFGS): RELAX_GRAPHS molecules per batch, refilled as
 they converge, on a radius graph at the energy model's cutoff plus RELAX_SKIN, one compilation per
 stream shape.
 

@@ -16,5 +16,5 @@ NOISE = flags.DEFINE_bool("noise", False, "refine: noise the start structure to 
 STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
                                        "(0 = its training structures' level, 1 = the accurate level "
                                        "consistency trains); default: the model's highest.")
-RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "Relaxation on the learned energy (batched BFGS "
-                                   "from a model Hessian): at most this many steps per molecule.")
+RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "Relaxation on the learned energy (batched "
+                                   "FIRE, consist.relax): at most this many steps per molecule.")

@@ -11,14 +11,15 @@ stop_gradient (see `consist.losses.total`). Two forms, per graph, over equilibri
   descent: (E_sg(R_hat) - E_sg(R_data)) / n_atoms (eV/atom), the data structure as the
     per-molecule baseline; first order only.
   relaxed: mean over atoms of |R_hat - R_min|^2 (Å^2), R_min the local minimum of the energy
-    model reached from R_data by `consist.relax` (BFGS from a model Hessian), Kabsch-aligned onto
+    model reached from R_data by `consist.relax`, Kabsch-aligned onto
     R_data, precomputed with the energy model frozen (`consist.relaxed_targets`, carried as the records' ref_positions). The
     relaxation is amortised: the descent form's gradient is the force, dominated by the stiff
     stretches, so the soft bends and torsions that make most of the energy gap barely move;
     the minimum found by a quasi-Newton optimiser moves all of them. Valid only while the energy
     model stays as it was when the targets were computed (stage 2 on a frozen energy model).
-    Measured worse than descent on the bundled data (docs/DEVLOG.md, session 6: the one-step head
-    does not learn the torsional moves and distorts bonds trying); kept as an option.
+    Measured worse than descent on the bundled data with targets from BFGS on Lindh's Hessian,
+    which move 0.2 Å along flat torsions (docs/DEVLOG.md, session 6); not yet measured with the
+    L-BFGS targets the writer now makes.
 
 Watch-out (BRIEF 3): the energy model extrapolates badly far from its data and the loss can
 exploit it; `optimality_energy_gap` (the descent quantity) is logged with either form, and a
