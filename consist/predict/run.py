@@ -57,7 +57,8 @@ class Progress:
     rate = self.done / elapsed if elapsed > 0 else math.nan
     eta = (self.total - self.done) / rate if rate > 0 else math.nan
     bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-    line = f"{self.label} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}% {rate:.1f}/s ETA {eta:.0f}s"
+    eta_text = f"{eta:.0f}s" if math.isfinite(eta) else "–"
+    line = f"{self.label} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}% {rate:.1f}/s ETA {eta_text}"
     self._stream.write(("\r" + line + ("\n" if self.done >= self.total else "")) if self._tty else line + "\n")
     self._stream.flush()
 
