@@ -88,10 +88,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     sorted loss-term names of the first non-finite one, NONFINITE_IN_LOSS when only the weighted sum
     overflowed, or NONFINITE_IN_GRADIENTS; -2 when finite).
     A non-finite step leaves params and optimizer state unchanged and increments
-    `state.nonfinite_steps` (the caller decides whether to stop).
+    `state.nonfinite_steps` (the caller decides whether to stop). `step.traces()` counts the
+    executables compiled so far (one per batch shape).
   """
 
+  traces = [0]
+
   def shard_fn(state: TrainState, batch: GraphBatch):
+    traces[0] += 1  # runs once per trace, i.e. once per compiled executable (batch shape)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def global_loss(params):
@@ -128,7 +132,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
   sharded = jax.shard_map(shard_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   # Explicit out_shardings: outputs carry the same P() as the born-sharded state, so the second
   # call hits the first call's executable (one compile per batch shape).
-  return jax.jit(sharded, donate_argnums=0, out_shardings=replicated(mesh))
+  jitted = jax.jit(sharded, donate_argnums=0, out_shardings=replicated(mesh))
+
+  def step(state: TrainState, batch: GraphBatch):
+    return jitted(state, batch)
+
+  # Compilations so far, counted at trace time (jit's own cache size depends on JAX's dispatch
+  # path and was seen to read 0 after a compile).
+  step.traces = lambda: traces[0]
+  step._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  return step
 
 
 def nonfinite_term_name(metrics: Metrics) -> str:

@@ -372,10 +372,10 @@ class _Loop:
     t_loop = time.perf_counter()
     while step < cfg.steps and not preempted:
       host_batch = next(it)
-      n_exec, t_call = self.train_step._cache_size(), time.perf_counter()
+      n_exec, t_call = self.train_step.traces(), time.perf_counter()
       state, metrics = self.train_step(state, to_global(host_batch.graphs, self.mesh))
       step += 1
-      if self.train_step._cache_size() > n_exec:  # this call traced and compiled a new bucket
+      if self.train_step.traces() > n_exec:  # this call traced and compiled a new bucket
         compile_s += time.perf_counter() - t_call
       else:
         g, a, s = _real_counts(host_batch.graphs)
@@ -404,7 +404,7 @@ class _Loop:
     n_proc = jax.process_count()
     return {"step": step, "preempted": preempted and not self.interrupted, "interrupted": self.interrupted,
             "nonfinite_steps": int(jax.device_get(state.nonfinite_steps)),
-            "train": self.last_train, "val": self.last_val, "compiles": self.train_step._cache_size(),
+            "train": self.last_train, "val": self.last_val, "compiles": self.train_step.traces(),
             "buckets": len(self.train_pipe.buckets.budgets),
             "wall_s": time.perf_counter() - t_start, "loop_s": wall, "compile_s": compile_s,
             "eval_s": self.eval_s, "structures_per_s": graphs * n_proc / steady if steady > 0 else 0.0,

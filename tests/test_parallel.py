@@ -111,7 +111,7 @@ def test_one_compile_per_shape_bucket(records):
     batch = train_toy.device_batches(records[i:], budget, 8, graphs)
     state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
   assert int(state.step) == 6 and bool(metrics["finite"])
-  assert step._cache_size() == 2
+  assert step.traces() == 2
 
 
 def test_eval_step_weights_devices_by_real_graphs(records):
