@@ -17,6 +17,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 USAGE_EXIT = 2
 HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -131,11 +132,14 @@ def _check_config_files(prog: str, argv: Sequence[str]) -> None:
            f"{lines[-1] if lines else type(e).__name__}")
 
 
-def run(main: Callable[[list[str]], int | None], prog: str) -> None:
-  """`absl.app.run(main)` with the conventions of the module docstring."""
+def run(main: Callable[[list[str]], int | None], prog: str, log_level: int | None = None) -> None:
+  """`absl.app.run(main)` with the conventions of the module docstring. log_level: absl's verbosity
+  unless --verbosity is given (orbax logs every restore and save at INFO, read-only mode at WARNING)."""
   quiet_jax_startup()
 
   def wrapped(argv: list[str]):
+    if log_level is not None and not flags.FLAGS["verbosity"].present:
+      absl_logging.set_verbosity(log_level)
     try:
       return main(argv)
     except app.UsageError as e:

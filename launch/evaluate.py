@@ -42,8 +42,6 @@ flags.mark_flags_as_required(["workdir", "data", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   from consist.eval import run  # after flag parsing: imports jax
 
   known = run.BASELINES + run.MODEL_BASELINES
@@ -91,4 +89,4 @@ def _fmt(x) -> str:
 
 
 if __name__ == "__main__":
-  _cli.run(main, "launch.evaluate")
+  _cli.run(main, "launch.evaluate", log_level=logging.ERROR)

@@ -59,8 +59,6 @@ def main(argv):
   if bool(_SMILES.value) == bool(_INPUT.value):
     raise app.UsageError("give either --smiles (repeatable) or --input FILE")
   _check_sampling_flags()
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   from consist import inference  # pylint: disable=g-import-not-at-top  (imports jax)
   from consist.data.bundled import PRETRAINED_MODEL  # pylint: disable=g-import-not-at-top
   from consist.predict import molecules, run, writers  # pylint: disable=g-import-not-at-top
@@ -96,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, PROG)
+  _cli.run(main, PROG, log_level=logging.ERROR)

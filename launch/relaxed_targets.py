@@ -29,8 +29,6 @@ flags.mark_flags_as_required(["model", "data", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   from consist import relax  # after flag parsing: imports jax
   from consist.data.store import open_dataset
   from consist.eval.run import Progress
@@ -70,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "launch.relaxed_targets")
+  _cli.run(main, "launch.relaxed_targets", log_level=logging.ERROR)

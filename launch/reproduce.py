@@ -29,8 +29,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax logs every restore at INFO and read-only mode at WARNING
   import jax  # after flag parsing
 
   config = _CONFIG.value
@@ -53,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, "launch.reproduce")
+  _cli.run(main, "launch.reproduce", log_level=logging.ERROR)

@@ -61,8 +61,6 @@ def main(argv):
       kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                     process_id=_PROCESS_ID.value)
     jax.distributed.initialize(**kwargs)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   from consist import checkpoint  # pylint: disable=g-import-not-at-top
@@ -88,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, PROG)
+  _cli.run(main, PROG, log_level=logging.WARNING)
