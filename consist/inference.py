@@ -20,8 +20,12 @@ Sampling modes (BRIEF section 2):
            the "edm" parameterisation the identity dominates at small t_star); `steps=1` is one
            x0 prediction from the given structure.
 
-The structure level asked for (`level`): None = the highest the model has (1, the accurate level,
-for models with `structure_levels=2`; an untrained level 1 is exactly level 0).
+The structure level asked for (`level`): None = the highest level the model was trained for
+(`TrainedModel.trained_level`: 1, the accurate level, once consistency has moved its offset; an
+untrained level 1 is exactly level 0, so a multi-task model is asked for level 0). Refine's `t_star`:
+None = the time the level was trained to refine from (`TrainedModel.refine_t_star`): LEVEL0_T_STAR
+for level 0, which denoising trains to give the cheap structure back; for level l >= 1 the start of
+the run's `optimality_t_range`, where consistency trained it.
 """
 
 from __future__ import annotations
@@ -51,9 +55,12 @@ MODES = ("denoise", "ddim", "refine")
 # session 5: measured choices).
 RELAX_GRAPHS = 32
 RELAX_SKIN = 1.0
-# Refine: one deterministic x0 prediction from the unnoised input at t* = 0.02 (with the "edm"
-# parameterisation the identity up to an O(s) correction; docs/DEVLOG.md, session 5).
+# Refine: one deterministic x0 prediction from the unnoised input (with the "edm" parameterisation
+# the identity up to an O(s) correction). Level 0 at t* = 0.005, chosen on the val split: a 2,000-step
+# multi-task model gives the MMFF94 structures back with a GFN2-xTB gap 0.98x the input's, 1.09x at
+# t* = 0.01, 1.2-1.6x at 0.02 (docs/DEVLOG.md, session 7).
 DEFAULT_STEPS = {"denoise": 1, "ddim": 10, "refine": 1}
+LEVEL0_T_STAR = 0.005
 # progress(records done, records total), called after every batch.
 Progress = Callable[[int, int], None]
 
@@ -67,10 +74,11 @@ class Sampling:
     samples: K structures per molecule, drawn in one batched call.
     steps: DDIM steps (ddim, refine); 0 = the mode's default (`DEFAULT_STEPS`).
     t_start: start time of denoise / ddim from the prior.
-    t_star: noise level the input structure is taken to in refine mode.
+    t_star: noise level the input structure is taken to in refine mode; None = the level's own
+      (`TrainedModel.refine_t_star`).
     eta: DDIM stochasticity (0 = deterministic).
     noise: refine mode: noise the input structure to t_star (SDEdit) or not (deterministic).
-    level: structure level (see the module docstring); None = the model's highest.
+    level: structure level (see the module docstring); None = the highest trained one.
     seed: sampling seed; batch b uses fold_in(key(seed), b).
   """
 
@@ -78,7 +86,7 @@ class Sampling:
   samples: int = 1
   steps: int = 0
   t_start: float = 1.0
-  t_star: float = 0.02
+  t_star: float | None = None
   eta: float = 0.0
   noise: bool = False
   level: int | None = None
@@ -93,7 +101,7 @@ class Sampling:
       object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
     if self.samples < 1 or self.steps < 1:
       raise ValueError(f"samples and steps must be >= 1, got {self.samples}, {self.steps}")
-    if not 0.0 < self.t_star <= 1.0 or not 0.0 < self.t_start <= 1.0:
+    if not 0.0 < self.t_start <= 1.0 or (self.t_star is not None and not 0.0 < self.t_star <= 1.0):
       raise ValueError(f"t_star and t_start must lie in (0, 1], got {self.t_star}, {self.t_start}")
 
 
@@ -192,10 +200,31 @@ class TrainedModel:
     return out
 
   # --- structures ---
+  @functools.cached_property
+  def trained_level(self) -> int:
+    """The highest structure level whose offset training has moved from its zero initialisation
+    (0 if none: such a level is exactly level 0)."""
+    table = self.params.get("encoder", {}).get("level_embedding")
+    if table is None:
+      return 0
+    moved = np.flatnonzero(np.any(np.asarray(table) != 0, axis=-1))
+    return int(moved[-1]) + 1 if moved.size else 0
+
+  def refine_t_star(self, level: int) -> float:
+    """The noise level refine takes the input to at `level`: LEVEL0_T_STAR for level 0; for
+    l >= 1 the start of the run's `loss.optimality_t_range` (where consistency trained it)."""
+    return LEVEL0_T_STAR if level == 0 else float(self.config.loss.optimality_t_range[0])
+
+  def resolve(self, sampling: Sampling) -> Sampling:
+    """`sampling` with its defaults made concrete for this model: level (None -> `trained_level`)
+    and t_star (None -> `refine_t_star(level)`)."""
+    level = self.trained_level if sampling.level is None else sampling.level
+    t_star = self.refine_t_star(level) if sampling.t_star is None else sampling.t_star
+    return dataclasses.replace(sampling, level=level, t_star=t_star)
+
   def _sample_graphs(self, params, graphs: GraphBatch, seeds_G: jax.Array, sampling: Sampling) -> jax.Array:
     key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), seeds_G)  # one per graph
-    level = self.model.config.structure_levels - 1 if sampling.level is None else sampling.level
-    eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule, level=level)
+    eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule, level=sampling.level)
     if sampling.mode == "denoise":
       sampler = lambda k: diffusion.sample_one_step(eps_fn, graphs, self.schedule, k, t_start=sampling.t_start)
     elif sampling.mode == "ddim":
@@ -219,7 +248,7 @@ class TrainedModel:
     if len(seeds) != len(records):
       raise ValueError(f"sample: {len(seeds)} seeds for {len(records)} records")
     out: list[np.ndarray | None] = [None] * len(records)
-    static = dataclasses.replace(sampling, seed=0)  # seeds enter as an array: no recompile per seed
+    static = dataclasses.replace(self.resolve(sampling), seed=0)  # seeds enter as an array: no recompile per seed
     done = 0
     for graphs, indices in self._batches(records):
       graph_seeds = np.zeros(graphs.num_graphs, np.uint32)

@@ -80,6 +80,15 @@ class ReproduceError(ValueError):
   """Bad reproduction config or an inconsistent workdir; the message names the key or path."""
 
 
+class ReproduceStopped(Exception):
+  """A training run stopped before its last step (Ctrl-C or SIGTERM; its checkpoint is saved):
+  the reproduction stops with it, and the same command resumes it."""
+
+  def __init__(self, message: str, interrupted: bool):
+    super().__init__(message)
+    self.interrupted = interrupted
+
+
 @dataclasses.dataclass(frozen=True)
 class ReproduceConfig:
   """The `reproduce` section of a reproduction config.
@@ -99,7 +108,8 @@ class ReproduceConfig:
       structure relaxed on the arm's learned energy to `relax_fmax` eV/Å with `relax_method`;
       "" = `consist.relax.RelaxSettings`' default).
     samples, steps, t_start, t_star, eta, noise: `consist.inference.Sampling` of the evaluation
-      (each arm is asked for its model's highest structure level).
+      (each arm is asked for the highest structure level its model was trained for; t_star None:
+      the level's own, `TrainedModel.refine_t_star`).
     refine_steps: DDIM steps of mode refine (0: `steps`).
     level, workers, max_molecules: `consist.eval.run.EvalSettings`.
     eval_seed: sampling seed and ETKDG seed.
@@ -118,7 +128,7 @@ class ReproduceConfig:
   samples: int = 1
   steps: int = 10
   t_start: float = 1.0
-  t_star: float = 0.1
+  t_star: float | None = 0.1
   eta: float = 0.0
   noise: bool = True
   refine_steps: int = 0
@@ -326,9 +336,13 @@ class Reproduction:
     if done is not None and done >= steps:
       self.log(f"{name}: finished (step {done}), skipped")
       return
-    self.log(f"{name}: training {'from step ' + str(done) if done else ''} to step {steps}")
+    self.log(f"{name}: training {f'from step {done} ' if done else ''}to step {steps}")
     t0 = time.perf_counter()
     summary = train_and_evaluate(config, workdir)
+    if summary["step"] < steps:
+      how = "interrupted (Ctrl-C)" if summary.get("interrupted") else "preempted (SIGTERM)"
+      raise ReproduceStopped(f"{name} {how} at step {summary['step']} of {steps} (saved in {workdir}); "
+                             "run the same command again to resume", bool(summary.get("interrupted")))
     self._timing(name, time.perf_counter() - t0, step=summary["step"],
                  compile_s=round(summary["compile_s"], 1))
 
@@ -481,8 +495,8 @@ class Reproduction:
                        "equilibrium records only, no force labels"),
         "sampling": (f"K={rc.samples} per molecule; ddim {rc.steps} steps from t_start "
                      f"{rc.t_start}; refine {rc.refine_steps or rc.steps} steps from t_star "
-                     f"{rc.t_star} ({'noised' if rc.noise else 'unnoised'}); eta {rc.eta}, seed "
-                     f"{rc.eval_seed}"),
+                     f"{rc.t_star or 'the level trained for'} ({'noised' if rc.noise else 'unnoised'}); "
+                     f"eta {rc.eta}, seed {rc.eval_seed}"),
         "accurate level": rc.level,
     })
     if RELAX_MODE in rc.modes:

@@ -20,6 +20,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 USAGE_EXIT = 2
+# Exit status of a run stopped by Ctrl-C after saving its checkpoint (128 + SIGINT, the shell's convention).
+EXIT_INTERRUPTED = 130
 HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 

@@ -9,12 +9,13 @@ MODE = flags.DEFINE_enum("mode", "refine", list(MODES), "Generation mode.")
 SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule (K).")
 STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
                              "(ddim 10, refine 1).")
-T_STAR = flags.DEFINE_float("t_star", 0.02, "Noise level the start (cheap) structure is taken to in refine "
-                            "mode, (0, 1].")
+T_STAR = flags.DEFINE_float("t_star", None, "Noise level the start (cheap) structure is taken to in refine "
+                            "mode, (0, 1]; default: the one the level asked for was trained at (0.005 for "
+                            "level 0, the consistency t* for the accurate level: 0.02 for the bundled model).")
 NOISE = flags.DEFINE_bool("noise", False, "refine: noise the start structure to t_star (SDEdit); "
                           "default: start from it unnoised (deterministic).")
 STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
                                        "(0 = its training structures' level, 1 = the accurate level "
-                                       "consistency trains); default: the model's highest.")
+                                       "consistency trains); default: the highest the model was trained for.")
 RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "Relaxation on the learned energy (batched "
                                    "FIRE, consist.relax): at most this many steps per molecule.")

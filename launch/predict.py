@@ -41,7 +41,7 @@ def _fail(flag: str, value, message: str) -> None:
 
 def _check_sampling_flags() -> None:
   """The sampling flags, named as the user typed them (before the model is loaded)."""
-  if not 0.0 < sf.T_STAR.value <= 1.0:
+  if sf.T_STAR.value is not None and not 0.0 < sf.T_STAR.value <= 1.0:
     _fail("t_star", sf.T_STAR.value, "must lie in (0, 1] (the noise level, as a fraction of the diffusion "
           "time, the start structure is taken to in refine mode; e.g. 0.1)")
   for flag in (sf.SAMPLES, sf.RELAX_STEPS):

@@ -36,13 +36,16 @@ def main(argv):
     config.reproduce.seeds = _SEEDS.value
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", str(Path(_WORKDIR.value) / "jax_cache"))
-  from consist.reproduce import Reproduction, ReproduceError
+  from consist.reproduce import Reproduction, ReproduceError, ReproduceStopped
 
   command = "python -m launch.reproduce " + " ".join(sys.argv[1:])
   try:
     written = Reproduction(config, _WORKDIR.value).run(meta={"command": command})
   except ReproduceError as e:
     sys.exit(f"launch.reproduce: {e}")
+  except ReproduceStopped as e:
+    print(f"launch.reproduce: {e}", file=sys.stderr)
+    sys.exit(_cli.EXIT_INTERRUPTED if e.interrupted else 0)
   from consist.eval import report  # pylint: disable=g-import-not-at-top
   results = Path(_WORKDIR.value) / "results"
   print(report.short_table(json.loads((results / "summary.json").read_text())["modes"]))

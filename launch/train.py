@@ -29,8 +29,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 PROG = "launch.train"
-# Exit status of a run stopped by Ctrl-C after saving its checkpoint (128 + SIGINT, the shell's convention).
-EXIT_INTERRUPTED = 130
 
 
 def _check_paths(workdir: Path, data_path: str) -> None:
@@ -78,11 +76,11 @@ def main(argv):
     raise _cli.UserError(str(e), exit_code=1) from None
   except KeyboardInterrupt:  # before the step loop (which saves and returns on SIGINT)
     raise _cli.UserError("interrupted before training started; nothing was saved",
-                         exit_code=EXIT_INTERRUPTED) from None
+                         exit_code=_cli.EXIT_INTERRUPTED) from None
   if jax.process_index() == 0:
     print("summary " + json.dumps(summary), flush=True)
   if summary.get("interrupted"):
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(_cli.EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

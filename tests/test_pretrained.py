@@ -13,7 +13,7 @@ from rdkit import Chem
 
 from consist import inference
 from consist.calculator import ConsistCalculator
-from consist.data.bundled import BUNDLED_DATASET, PRETRAINED_MODEL
+from consist.data.bundled import BUNDLED_DATASET, PRETRAINED_MODEL, STRUCTURE_STAGE1
 from consist.data.store import open_dataset
 from consist.predict import molecules
 from test_predict import COMMON_SMILES  # pylint: disable=wrong-import-order
@@ -39,6 +39,21 @@ def test_default_is_the_bundled_model_and_it_is_trained(model):
   rmse = np.sqrt(np.mean(np.concatenate(errors) ** 2))
   rms = np.sqrt(np.mean(np.concatenate(labels) ** 2))
   assert rmse < 0.8 * rms, (rmse, rms)
+
+
+def test_refine_asks_for_the_level_each_bundled_model_was_trained_for(model):
+  """models/pretrained had consistency move its accurate level: refine asks for level 1 at the
+  consistency t*; the stage-1 model (denoising only) has level 1 untrained, so refine asks for
+  level 0 at its own t*; explicit settings win."""
+  stage1 = inference.load_model(STRUCTURE_STAGE1)
+  refine = inference.Sampling(mode="refine")
+  assert model.trained_level == 1 and stage1.trained_level == 0
+  resolved = model.resolve(refine)
+  assert (resolved.level, resolved.t_star) == (1, model.config.loss.optimality_t_range[0]) == (1, 0.02)
+  resolved = stage1.resolve(refine)
+  assert (resolved.level, resolved.t_star) == (0, inference.LEVEL0_T_STAR)
+  resolved = model.resolve(inference.Sampling(mode="refine", level=0, t_star=0.05))
+  assert (resolved.level, resolved.t_star) == (0, 0.05)
 
 
 def test_missing_bundled_model_says_how_to_make_it(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ from consist.config import Config
 from consist.data.bundled import SMOKE_DATASET
 from consist.data.store import open_dataset
 from consist.reproduce import (ARMS, REPORT_METRICS, Reproduction, ReproduceConfig, ReproduceError,
-                               load_config, run_config, write_no_force_data)
+                               ReproduceStopped, load_config, run_config, write_no_force_data)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_pretrained_reproduction_config_freezes_the_bundled_energy_model():
   for s in (s1, s2):
     assert s.loss.energy_weight == s.loss.forces_weight == 0 and s.model.trunk == "separate"
   assert s2.loss.consistency_level == 1 and not s2.loss.optimality_noise
-  assert rc.t_star == s2.loss.optimality_t_range[0]  # refine where consistency trained
+  assert rc.t_star is None  # refine at the t* each arm's level was trained for
 
 
 def test_stage1_workdir_is_every_seeds_stage1_and_is_not_trained(tmp_path, monkeypatch):
@@ -55,6 +55,29 @@ def test_stage1_workdir_is_every_seeds_stage1_and_is_not_trained(tmp_path, monke
   for seed in range(3):
     repro.train_seed(seed)
   assert trained == [(f"seed{s}/multitask", str(tmp_path / "s1")) for s in range(3)]
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_an_arm_stopped_before_its_last_step_stops_the_reproduction(tmp_path, monkeypatch, interrupted):
+  """SIGTERM / Ctrl-C inside one arm's training saves it and returns early: the reproduction must
+  stop there (to be resumed), not go on to the next arm."""
+  c = load_config(REPO / "configs" / "reproduce_smoke.py")
+  c.reproduce.update(arms=("multitask", "consistency"), stage1_workdir=str(tmp_path / "s1"))
+  repro = Reproduction(c, tmp_path / "w", log=lambda _: None)
+  started = []
+
+  def train(config, workdir):
+    started.append(Path(workdir).name)
+    return {"step": 3, "preempted": not interrupted, "interrupted": interrupted, "compile_s": 0.0}
+
+  monkeypatch.setattr("consist.reproduce.train_and_evaluate", train)
+  monkeypatch.setattr("consist.reproduce.latest_step", lambda workdir: 5 if workdir == tmp_path / "s1" else None)
+  monkeypatch.setattr(repro, "_data_path", lambda force_data: "data")
+  monkeypatch.setattr(repro, "_stage2_data_path", lambda force_data, stage1_dir: "data")
+  how = "interrupted" if interrupted else "preempted"
+  with pytest.raises(ReproduceStopped, match=rf"seed0/multitask {how} .* at step 3 of \d+ .*run the same command again"):
+    repro.train_seed(0)
+  assert started == ["multitask"]
 
 
 def test_arm_configs_differ_only_in_consistency_and_force_data():

@@ -118,8 +118,9 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
   for name, sampling in modes.items():
     timing = _twice(lambda s=sampling: model.sample(records, s), len(records))
     timing.pop("_out")
+    resolved = model.resolve(sampling)
     result["modes"][name] = {"sampling": {"mode": sampling.mode, "steps": sampling.steps,
-                                          "t_star": sampling.t_star}, **timing}
+                                          "level": resolved.level, "t_star": resolved.t_star}, **timing}
   stream = model._stream  # pylint: disable=protected-access
   for name, method, hessian in (("relax", "fire", "identity"), ("relax_lbfgs", "lbfgs", "identity"),
                                 ("relax_bfgs_lindh", "bfgs", "lindh")):

@@ -473,7 +473,7 @@ def evaluate(workdir: str | Path, data: str | Path, split: str, sampling: Sampli
                "settings": dataclasses.asdict(settings), **(meta or {})},
       "mol_ids": [r.mol_id for r in records],
       "n_atoms": [r.n_atoms for r in records],
-      "model": {"sampling": dataclasses.asdict(sampling), "step": model.step, **model_eval.to_json()},
+      "model": {"sampling": dataclasses.asdict(model.resolve(sampling)), "step": model.step, **model_eval.to_json()},
       "force_diagnostic": None if diagnostic is None else diagnostic.to_json(),
       "baselines": {name: evaluate_baseline(records, name, settings, model=model,
                                             show_progress=show_progress).to_json()
