@@ -416,7 +416,11 @@ class Reproduction:
     out = {}
     for mode in self.rc.modes:
       relax = mode == RELAX_MODE
-      sampling = self.rc.relax_settings() if relax else self.rc.sampling(mode)
+      if relax:
+        sampling = self.rc.relax_settings()
+      else:  # resolved (level, t*): a cached evaluation is reused only for the same settings
+        model = model or TrainedModel.load(workdir)
+        sampling = model.resolve(self.rc.sampling(mode))
       path = self.workdir / "evals" / f"seed{seed}" / arm / f"{mode}.json"
       key = {"step": step, "sampling": dataclasses.asdict(sampling), "settings": settings,
              "mol_ids": mol_ids}
