@@ -217,8 +217,15 @@ class TrainedModel:
 
   def resolve(self, sampling: Sampling) -> Sampling:
     """`sampling` with its defaults made concrete for this model: level (None -> `trained_level`)
-    and t_star (None -> `refine_t_star(level)`)."""
+    and t_star (None -> `refine_t_star(level)`).
+
+    Raises:
+      ValueError: a level the model does not have.
+    """
     level = self.trained_level if sampling.level is None else sampling.level
+    levels = self.config.model.structure_levels
+    if not 0 <= level < levels:
+      raise ValueError(f"structure level {level}: this model has structure levels 0..{levels - 1}")
     t_star = self.refine_t_star(level) if sampling.t_star is None else sampling.t_star
     return dataclasses.replace(sampling, level=level, t_star=t_star)
 

@@ -86,6 +86,10 @@ def main(argv):
     model = inference.load_model(_CHECKPOINT.value)
   except inference.CheckpointError as e:
     _fail("checkpoint", _CHECKPOINT.value or PRETRAINED_MODEL, str(e))
+  try:
+    model.resolve(sampling)
+  except ValueError as e:
+    _fail("structure_level", sf.STRUCTURE_LEVEL.value, str(e))
   report = run.predict_to_file(model, inputs, _OUT.value, sampling, relax=_RELAX.value, fmax=_FMAX.value,
                                relax_steps=sf.RELAX_STEPS.value)
   print(report.summary(), flush=True)

@@ -129,3 +129,10 @@ def test_cli_empty_input_and_flag_errors_before_loading_the_model(tmp_path):
   assert out.returncode == 2 and "--t_star=2.0: must lie in (0, 1]" in out.stderr
   assert "t_start" not in out.stderr and "Traceback" not in out.stderr
   assert not list(tmp_path.glob("x.sdf"))
+
+
+def test_cli_structure_level_the_model_lacks_is_a_one_line_error(tmp_path):
+  out = _cli("--smiles", "CCO", "--structure_level", "5", "--out", str(tmp_path / "x.sdf"))
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "--structure_level=5: structure level 5: this model has structure levels 0..1" in out.stderr
+  assert not list(tmp_path.glob("x.sdf"))

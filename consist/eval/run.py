@@ -465,6 +465,10 @@ def evaluate(workdir: str | Path, data: str | Path, split: str, sampling: Sampli
                                max_molecules=settings.max_molecules)
   model = load_model(workdir)
   check_fidelities(model, records, where)
+  try:
+    model.resolve(sampling)
+  except ValueError as e:
+    raise EvaluationError(f"--workdir {workdir}: {e}") from e
   model_eval = evaluate_model(model, records, sampling, settings, show_progress=show_progress)
   diagnostic = force_diagnostic(model, records)
   out = {
