@@ -258,8 +258,8 @@ class Interaction(nn.Module):
     for p, (l1, l2, l3) in enumerate(paths):
       cg = jnp.asarray(e3nn.clebsch_gordan(l1, l2, l3) * np.sqrt(2 * l3 + 1), h_up[l1].dtype)
       g = jnp.einsum("mnk,en->emk", cg, sh[l2])  # [E, 2l1+1, 2l3+1]
-      # The sum over m unrolled into elementwise products XLA fuses, forward and backward: a
-      # batched dot over edges, or an [E, C, 2l1+1, 2l3+1] intermediate, is slow on its CPU backend.
+      # Elementwise product + sum over m: a batched dot over edges is slow on XLA's CPU backend
+      # (and unrolling the sum over m was slower still: docs/DEVLOG.md, session 8).
       msg = jnp.sum(sent[l1][:, :, :, None] * g[:, None, :, :], axis=2)
       msg = msg * weights[p][:, :, None]
       by_l.setdefault(l3, []).append(msg)
