@@ -8,7 +8,7 @@ per-element reference (`consist.data.reference`). Loading restores the model par
 EMA ones where the run keeps them; `checkpoint.restore_model_params`): no optimizer, no trainer.
 
 `TrainedModel.relax` relaxes structures on the learned energy with `consist.relax.StreamRelaxer`
-(FIRE by default; L-BFGS, BFGS): RELAX_GRAPHS molecules per batch, refilled as
+(BFGS from Lindh's model Hessian by default; FIRE, L-BFGS): RELAX_GRAPHS molecules per batch, refilled as
 they converge, on a radius graph at the energy model's cutoff plus RELAX_SKIN, one compilation per
 stream shape.
 
@@ -52,8 +52,8 @@ from consist.types import GraphBatch
 
 MODES = ("denoise", "ddim", "refine")
 # Relaxation: molecules per batch, and the Verlet skin (Å) of its radius graph (docs/DEVLOG.md,
-# session 5: measured choices).
-RELAX_GRAPHS = 32
+# sessions 5 and 9: measured choices; 16 molecules keep the batch fuller as a stream drains).
+RELAX_GRAPHS = 16
 RELAX_SKIN = 1.0
 # Refine: one deterministic x0 prediction from the unnoised input (with the "edm" parameterisation
 # the identity up to an O(s) correction). Level 0 at t* = 0.005, chosen on the val split: a 2,000-step

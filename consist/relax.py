@@ -22,12 +22,13 @@ Per molecule g, independently of the others (all reductions are per-graph segmen
     |F_i| < `settings.fmax` eV/Å: converged; or `max_steps` steps taken: reported unconverged) or
     takes one optimiser step. A finished molecule is frozen (its positions, energy and forces never
     change again). Padding graphs count as finished from the start and padding nodes never move.
-  * "bfgs": BFGS on a dense Hessian per molecule ([3n, 3n], in a [3A, 3A] slot), started
-    from `alpha` times the identity or Lindh's model Hessian (`consist.model_hessian`); ASE's `BFGS`
+  * "bfgs" (default): BFGS on a dense Hessian per molecule ([3n, 3n], in a [3A, 3A] slot), started
+    from Lindh's model Hessian (`consist.model_hessian`) plus `lindh_shift` times the identity, or
+    from `alpha` times the identity; ASE's `BFGS`
     update, no line search; the step H^-1 F by a Cholesky solve (a few ms per batch, against
     ~100 ms for the energy), scaled so no atom moves more than `max_step` Å; a pair with s.y <= 0
     is not used for the update.
-  * "fire" (default): FIRE (Bitzek et al., PRL 97, 170201 (2006)) as ASE's `FIRE` runs it: unit masses,
+  * "fire": FIRE (Bitzek et al., PRL 97, 170201 (2006)) as ASE's `FIRE` runs it: unit masses,
     velocity mixing and time-step adaptation per molecule, the molecule's whole displacement capped
     at `max_step` Å per step. Time is in ASE units (Å sqrt(amu/eV), ~10.2 fs).
   * "lbfgs": L-BFGS without line search, like ASE's `LBFGS`: initial inverse Hessian 1/`alpha`
@@ -37,11 +38,13 @@ Per molecule g, independently of the others (all reductions are per-graph segmen
 
 Results hold final positions, energies, forces, fmax, steps taken and the convergence flag per
 molecule (molecules that hit the step limit are reported, not hidden), and optionally the whole
-trajectory. Measured speeds and the choice of defaults: docs/DEVLOG.md, sessions 5 and 6. On the
-learned energy the three stop at different points of its flat torsional valleys (fmax holds anywhere
-there): over the 761 test molecules, FIRE lowers MMFF94's GFN2-xTB gap to 0.28x and its RMSD to
-0.93x; L-BFGS to 0.55x / 0.91x in half FIRE's steps; BFGS from Lindh's Hessian to 0.28x but it
-travels ~0.2 Å along the torsions and raises the RMSD (1.03x). FIRE is the default.
+trajectory. Measured speeds and the choice of defaults: docs/DEVLOG.md, sessions 5, 6 and 9. On the
+learned energy the methods stop at different points of its flat torsional valleys (fmax holds
+anywhere there), so the start Hessian decides how far they travel along the torsions. On 160 val
+molecules (GFN2-xTB minima; MMFF94: RMSD 0.219 Å, gap 0.196 eV): BFGS from Lindh's Hessian as
+published (shift 0.2 eV/Å²) 12.8 steps, RMSD 0.229 Å (it travels 0.24 Å, mostly along torsions),
+gap 0.068 eV; with the shift 5 eV/Å² (default) 12.4 steps, RMSD 0.192 Å, gap 0.064 eV; FIRE 43
+steps, RMSD 0.200 Å, gap 0.060 eV.
 """
 
 from __future__ import annotations
@@ -81,10 +84,12 @@ class RelaxSettings:
     alpha: initial Hessian guess alpha * identity (eV/Å², ASE's 70) of L-BFGS, and of BFGS with
       hessian="identity".
     hessian: BFGS's initial Hessian: "lindh" (`consist.model_hessian`) or "identity".
+    lindh_shift: eV/Å² added to the diagonal of Lindh's Hessian: a floor on the curvature BFGS
+      assumes along the soft torsions, so its first steps along them stay short.
     trajectory: also return positions after every step.
   """
 
-  method: str = "fire"
+  method: str = "bfgs"
   fmax: float = 0.05
   max_steps: int = 500
   max_step: float = 0.2
@@ -97,7 +102,8 @@ class RelaxSettings:
   f_alpha: float = 0.99
   memory: int = 20
   alpha: float = 70.0
-  hessian: str = "identity"
+  hessian: str = "lindh"
+  lindh_shift: float = 5.0
   trajectory: bool = False
 
   def __post_init__(self):
@@ -105,8 +111,10 @@ class RelaxSettings:
       raise ValueError(f"method: must be one of {METHODS}, got {self.method!r}")
     if self.hessian not in HESSIANS:
       raise ValueError(f"hessian: must be one of {HESSIANS}, got {self.hessian!r}")
-    if self.fmax <= 0 or self.max_steps < 0 or self.max_step <= 0 or self.memory < 1:
-      raise ValueError(f"need fmax > 0, max_steps >= 0, max_step > 0, memory >= 1; got {self}")
+    if (self.fmax <= 0 or self.max_steps < 0 or self.max_step <= 0 or self.memory < 1
+        or self.lindh_shift <= 0):
+      raise ValueError(f"need fmax > 0, max_steps >= 0, max_step > 0, memory >= 1, lindh_shift > 0; "
+                       f"got {self}")
 
 
 @flax.struct.dataclass
@@ -447,7 +455,7 @@ def make_relaxer(energy_forces: EnergyForces):
 def hessian_block(atomic_numbers: np.ndarray, positions: np.ndarray, settings: RelaxSettings) -> np.ndarray:
   """[3n, 3n] float64 initial Hessian of one molecule for BFGS (eV/Å^2)."""
   if settings.hessian == "lindh":
-    return model_hessian.lindh_hessian(atomic_numbers, positions)
+    return model_hessian.lindh_hessian(atomic_numbers, positions, eps=settings.lindh_shift)
   return settings.alpha * np.eye(3 * len(atomic_numbers))
 
 

@@ -1,7 +1,7 @@
 """Minima of a run's learned energy as the structure targets of `optimality_form="relaxed"`.
 
 Every equilibrium record of the chosen splits is relaxed from its own (cheap-level) structure on
-the energy model of a trained run (`TrainedModel.relax`: batched FIRE by default,
+the energy model of a trained run (`TrainedModel.relax`: batched BFGS by default,
 `consist.relax`), and the dataset is written again with the minimum found as the record's
 `ref_positions` (`ref_fidelity` = `RELAXED_TAG`, `ref_energy` = the learned energy there, eV).
 Records that did not converge, whose minimum fails the record checks (overlapping atoms: an

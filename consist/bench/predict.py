@@ -3,8 +3,8 @@
 On molecules of the bundled test split, from their MMFF94 structures (the records' own positions):
   refine, denoise (one-step de novo), ddim (de novo, `DDIM_STEPS` steps): `TrainedModel.sample`;
   relax, relax_fire, relax_lbfgs: `TrainedModel.relax` (a refilled batch on a radius graph,
-    `consist.relax.StreamRelaxer`) on the learned energy to `RELAX_FMAX` eV/Å: FIRE (the
-    default), L-BFGS, BFGS from Lindh's model Hessian; with steps and energy evaluations per molecule and
+    `consist.relax.StreamRelaxer`) on the learned energy to `RELAX_FMAX` eV/Å: BFGS from Lindh's
+    model Hessian (the default), FIRE, L-BFGS; with steps and energy evaluations per molecule and
     the batch occupancy (molecule-evaluations / batch slots x loop iterations);
   gfn2_xtb_relax: GFN2-xTB relaxation (tblite through ASE BFGS, `XTB_FMAX` eV/Å) in `workers`
     spawned processes with one OpenMP thread each, warmed up before the clock starts.
@@ -122,9 +122,8 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
     result["modes"][name] = {"sampling": {"mode": sampling.mode, "steps": sampling.steps,
                                           "level": resolved.level, "t_star": resolved.t_star}, **timing}
   stream = model._stream  # pylint: disable=protected-access
-  for name, method, hessian in (("relax", "fire", "identity"), ("relax_lbfgs", "lbfgs", "identity"),
-                                ("relax_bfgs_lindh", "bfgs", "lindh")):
-    settings = RelaxSettings(method=method, hessian=hessian, fmax=RELAX_FMAX, max_steps=500)
+  for name, method in (("relax", "bfgs"), ("relax_fire", "fire"), ("relax_lbfgs", "lbfgs")):
+    settings = RelaxSettings(method=method, fmax=RELAX_FMAX, max_steps=500)
 
     def relax_pass(s=settings):
       stream.stats = {k: 0 for k in stream.stats}
@@ -134,7 +133,8 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
     relaxed = timing.pop("_out")
     stats = dict(stream.stats)  # of the steady (second) pass
     result["modes"][name] = {
-        "settings": {"method": settings.method, "hessian": settings.hessian, "fmax": settings.fmax,
+        "settings": {"method": settings.method, "hessian": settings.hessian,
+                     "lindh_shift": settings.lindh_shift, "fmax": settings.fmax,
                      "max_steps": settings.max_steps},
         "batch": {"graphs": stream.graphs, "cutoff": stream.cutoff, "skin": stream.skin,
                   "shape": dataclasses.asdict(stream.shape_for(records))},

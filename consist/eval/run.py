@@ -24,7 +24,7 @@ Baselines (one structure per molecule, no model): "cheap", the record's own posi
 RDKit ETKDGv3 embedding without any relaxation, built from the record's atoms and bond graph (atom
 order kept; stereo centres and double bonds assigned from the cheap structure so the same
 stereoisomer is embedded), seeded per molecule by (seed, mol_id). With a model: "relax", the cheap
-structure relaxed on the learned energy (`consist.relax` FIRE, batched; BRIEF 3: the baseline refine
+structure relaxed on the learned energy (`consist.relax` BFGS, batched; BRIEF 3: the baseline refine
 mode has to beat), with per-molecule relax_steps, relax_fmax (eV/Å) and relax_converged metrics,
 molecules stopped at the step limit listed under failures, and its wall time.
 """

@@ -4,7 +4,7 @@ Per molecule: checks against the run (elements with a fitted reference energy, f
 -> start structure (input coordinates, or seeded ETKDG, + MMFF94 in refine mode; in parallel
 processes when many molecules need one) -> record. Then K structures per molecule from
 `TrainedModel.sample` and their model energies and forces, or, with `relax`, each structure relaxed
-on the learned energy (`consist.relax`, FIRE): both batched through the run's shape buckets, one
+on the learned energy (`consist.relax`, BFGS): both batched through the run's shape buckets, one
 compilation per bucket. A molecule that fails any step is reported with its reason and skipped; the
 others are still predicted.
 """
@@ -169,7 +169,7 @@ def predict(model: TrainedModel, inputs: Sequence[Molecule | MoleculeError], sam
     model: the trained model.
     inputs: molecules, or the errors of inputs that could not be read (reported as failures).
     sampling: generation settings (each molecule samples from its own seed: (seed, canonical SMILES)).
-    relax: polish every structure on the learned energy (`consist.relax` FIRE, batched) to `fmax`
+    relax: polish every structure on the learned energy (`consist.relax` BFGS, batched) to `fmax`
       eV/Å, at most `relax_steps` steps; structures that stop at the limit are counted in the report.
     workers: processes for the RDKit start structures when many molecules need one.
     stream: progress output (default stderr).
