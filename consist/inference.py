@@ -8,9 +8,9 @@ per-element reference (`consist.data.reference`). Loading restores the model par
 EMA ones where the run keeps them; `checkpoint.restore_model_params`): no optimizer, no trainer.
 
 `TrainedModel.relax` relaxes structures on the learned energy with `consist.relax.StreamRelaxer`
-(BFGS from Lindh's model Hessian by default; FIRE, L-BFGS): RELAX_GRAPHS molecules per batch, refilled as
-they converge, on a radius graph at the energy model's cutoff plus RELAX_SKIN, one compilation per
-stream shape.
+(BFGS from Lindh's model Hessian by default; FIRE, L-BFGS): RELAX_GRAPHS molecules per batch,
+refilled each time RELAX_REFILL_AT of them have converged, on a radius graph at the energy model's
+cutoff plus RELAX_SKIN, one compilation per stream shape.
 
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
@@ -51,10 +51,12 @@ from consist.models import model as model_lib
 from consist.types import GraphBatch
 
 MODES = ("denoise", "ddim", "refine")
-# Relaxation: molecules per batch, and the Verlet skin (Å) of its radius graph (docs/DEVLOG.md,
-# sessions 5 and 9: measured choices; 16 molecules keep the batch fuller as a stream drains).
-RELAX_GRAPHS = 16
+# Relaxation: molecules per batch, the Verlet skin (Å) of its radius graph, and how many molecules
+# finish before the loop returns to the host to refill (each return costs ~20 ms, about half an
+# iteration, on the CPU). Measured choices: docs/DEVLOG.md, sessions 5 and 9.
+RELAX_GRAPHS = 24
 RELAX_SKIN = 1.0
+RELAX_REFILL_AT = 6
 # Refine: one deterministic x0 prediction from the unnoised input (with the "edm" parameterisation
 # the identity up to an O(s) correction). Level 0 at t* = 0.005, chosen on the val split: a 2,000-step
 # multi-task model gives the MMFF94 structures back with a GFN2-xTB gap 0.98x the input's, 1.09x at
@@ -133,7 +135,7 @@ class TrainedModel:
     # a radius graph at that cutoff (+ skin) whatever edges the run trained on.
     self._stream = relax.StreamRelaxer(functools.partial(model_lib.energy_and_forces, self.model),
                                        fidelities=self.fidelities, cutoff=config.model.energy.cutoff,
-                                       skin=RELAX_SKIN, graphs=RELAX_GRAPHS)
+                                       skin=RELAX_SKIN, graphs=RELAX_GRAPHS, refill_at=RELAX_REFILL_AT)
 
   @classmethod
   def load(cls, workdir: str | Path, step: int | None = None) -> "TrainedModel":

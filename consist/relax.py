@@ -587,8 +587,9 @@ class StreamRelaxer:
     return senders, receivers, edge_bond_orders(mol.record, senders, receivers)
 
   def shape_for(self, records: Sequence[Any]) -> StreamShape:
-    """The batch shape of a stream: `graphs` molecules of the stream's mean size with 15% to spare,
-    plus its largest; rounded (nodes to 64, edges to 1024, atoms to 8) so similar streams share it."""
+    """The batch shape of a stream: `graphs` molecules of the stream's mean size with 5% to spare,
+    plus its largest; rounded (nodes to 64, edges to 1024, atoms to 8) so similar streams share it.
+    (A batch of larger molecules than that takes fewer of them: the batch is refilled by what fits.)"""
     n_atoms = np.asarray([r.n_atoms for r in records], np.int64)
     if self.cutoff is None:
       n_edges = n_atoms * (n_atoms - 1)
@@ -596,8 +597,8 @@ class StreamRelaxer:
       reach = self.cutoff + self.skin
       n_edges = np.asarray([cutoff_graph_edges(np.asarray(r.positions), reach)[0].size for r in records])
     g = min(self.graphs, len(records))
-    return StreamShape(n_node=_round_up(1.15 * g * n_atoms.mean() + n_atoms.max() + 1, 64),
-                       n_edge=_round_up(1.15 * g * n_edges.mean() + 1.5 * n_edges.max(), 1024),
+    return StreamShape(n_node=_round_up(1.05 * g * n_atoms.mean() + n_atoms.max() + 1, 64),
+                       n_edge=_round_up(1.05 * g * n_edges.mean() + n_edges.max(), 1024),
                        n_graph=g + 1, max_atoms=_round_up(n_atoms.max(), 8))
 
   # --- host state ---

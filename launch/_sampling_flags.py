@@ -18,4 +18,4 @@ STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level
                                        "(0 = its training structures' level, 1 = the accurate level "
                                        "consistency trains); default: the highest the model was trained for.")
 RELAX_STEPS = flags.DEFINE_integer("relax_steps", 500, "Relaxation on the learned energy (batched "
-                                   "FIRE, consist.relax): at most this many steps per molecule.")
+                                   "BFGS, consist.relax): at most this many steps per molecule.")

@@ -6,7 +6,7 @@
 
 --checkpoint defaults to the bundled pretrained model (models/pretrained). Refine mode starts from
 the input's coordinates (.sdf / .xyz) or builds a seeded ETKDG + MMFF94 structure; --relax polishes
-every structure on the learned energy (batched FIRE). Molecules that cannot be
+every structure on the learned energy (batched BFGS). Molecules that cannot be
 predicted (unparsable, an element the model never saw, larger than every shape bucket, embedding
 failure) are listed with their reason at the end; the exit status is non-zero only if nothing was predicted. The output file
 is written atomically, and not at all if nothing was predicted.
@@ -25,7 +25,7 @@ _SMILES = flags.DEFINE_multi_string("smiles", None, "A SMILES to predict (repeat
 _INPUT = flags.DEFINE_string("input", None, "Input file: .smi (SMILES [name] per line), .sdf or .xyz (extended).")
 _OUT = flags.DEFINE_string("out", None, "Output file: .sdf (bond graph kept) or .xyz (extended XYZ).")
 _RELAX = flags.DEFINE_bool("relax", False, "Relax each structure on the learned energy (batched "
-                           "FIRE).")
+                           "BFGS).")
 _FMAX = flags.DEFINE_float("fmax", 0.05, "--relax threshold: max atomic force, eV/Å.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of embeddings and sampling.")
 flags.adopt_module_key_flags(sf)  # --help lists the shared sampling flags too

@@ -4,7 +4,7 @@ references: the targets of stage-2 training with `--config.loss.optimality_form=
   python -m launch.relaxed_targets --model models/structure_stage1 --data data/bundled \
       --splits train,val --out runs/relaxed_data
 
-Each equilibrium record is relaxed from its own structure on the run's energy model (batched FIRE,
+Each equilibrium record is relaxed from its own structure on the run's energy model (batched BFGS,
 `consist.relax`) to --fmax eV/Å; see `consist.relaxed_targets`. The source
 dataset is not modified; an existing complete --out is reused, not overwritten.
 """
