@@ -240,13 +240,3 @@ class SyntheticWorld:
 
 def make_world(smiles: Sequence[str] = DEFAULT_SMILES, seed: int = 0) -> SyntheticWorld:
   return SyntheticWorld(tuple(make_molecule(s, seed) for s in smiles))
-
-
-def kabsch_rmsd(a: np.ndarray, b: np.ndarray) -> float:
-  """RMSD (Å) between [n, 3] structures after optimal superposition (rotation + translation)."""
-  a = a - a.mean(axis=0)
-  b = b - b.mean(axis=0)
-  u, s, vt = np.linalg.svd(a.T @ b)
-  d = np.sign(np.linalg.det(u @ vt))
-  rot = u @ np.diag([1.0, 1.0, d]) @ vt
-  return float(np.sqrt(np.mean(np.sum((a @ rot - b) ** 2, axis=-1))))

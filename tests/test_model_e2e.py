@@ -33,6 +33,7 @@ import pytest
 
 from consist import diffusion, synthetic
 from consist.data.batching import Budget, batch_records
+from consist.eval.structure import kabsch_rmsd
 from consist.losses import total
 from consist.models import model as model_lib
 from consist.models.config import EnergyModelConfig, ModelConfig
@@ -121,9 +122,9 @@ def test_consistency_moves_structures_towards_accurate_minima():
   rmsd = {}
   for name, p in arms.items():
     samples = np.asarray(generate(p))
-    rmsd[name] = np.mean([synthetic.kabsch_rmsd(s[a:b], m.accurate_minimum)
+    rmsd[name] = np.mean([kabsch_rmsd(s[a:b], m.accurate_minimum)
                           for s in samples for m, a, b in spans])
-  cheap = np.mean([synthetic.kabsch_rmsd(m.cheap_minimum, m.accurate_minimum)
+  cheap = np.mean([kabsch_rmsd(m.cheap_minimum, m.accurate_minimum)
                    for m in world.molecules])
   accurate = eval_batch.positions
   for m, a, b in spans:

@@ -20,15 +20,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 
-
-def kabsch_rmsd(a: np.ndarray, b: np.ndarray) -> float:
-  """RMSD (Å) between [n, 3] coordinate sets after optimal rotation and translation."""
-  a = np.asarray(a, np.float64) - np.mean(a, axis=0)
-  b = np.asarray(b, np.float64) - np.mean(b, axis=0)
-  u, _, vt = np.linalg.svd(a.T @ b)
-  d = np.sign(np.linalg.det(u @ vt))
-  rot = u @ np.diag([1.0, 1.0, d]) @ vt
-  return float(np.sqrt(np.mean(np.sum((a @ rot - b) ** 2, axis=1))))
+from consist.eval.structure import kabsch_rmsd  # noqa: E402
 
 
 def _stats(x) -> dict[str, float]:
@@ -64,8 +56,8 @@ def split_summary(store) -> dict[str, Any]:
       eq_energy[r.mol_id] = r.energy
     if r.ref_positions is not None:
       pos, ref = np.asarray(r.positions, np.float64), np.asarray(r.ref_positions, np.float64)
-      gap["rmsd_all"].append(kabsch_rmsd(pos, ref))
-      gap["rmsd_heavy"].append(kabsch_rmsd(pos[z > 1], ref[z > 1]))
+      gap["rmsd_all"].append(float(kabsch_rmsd(pos, ref)))
+      gap["rmsd_heavy"].append(float(kabsch_rmsd(pos[z > 1], ref[z > 1])))
       if r.bonds is not None and len(r.bonds):
         b = np.asarray(r.bonds)
         d_cheap = np.linalg.norm(pos[b[:, 0]] - pos[b[:, 1]], axis=1)

@@ -40,7 +40,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from rdkit import Chem
@@ -51,6 +51,7 @@ from consist.data.store import Store, open_dataset
 from consist.eval import physics, structure
 from consist.inference import Sampling, TrainedModel
 from consist.levels import mmff
+from consist.progress import Progress
 from consist.relax import RelaxSettings
 
 BASELINES = ("cheap", "etkdg")
@@ -86,30 +87,6 @@ class EvalSettings:
     if self.workers < 0 or self.max_molecules < 0:
       raise ValueError(f"workers and max_molecules must be >= 0, got {self.workers}, "
                        f"{self.max_molecules}")
-
-
-class Progress:
-  """A progress bar on stderr, `label 37/120 [#####.....]  31% 12s`; a line per quarter off a tty."""
-
-  def __init__(self, label: str, *, enabled: bool = True, stream: TextIO | None = None):
-    self.label, self.enabled = label, enabled
-    self._stream = stream or sys.stderr
-    self._tty = hasattr(self._stream, "isatty") and self._stream.isatty()
-    self._start = time.perf_counter()
-    self._shown = -1
-
-  def __call__(self, done: int, total: int) -> None:
-    if not self.enabled or total <= 0:
-      return
-    quarter = 4 * done // total
-    if not self._tty and quarter == self._shown:
-      return
-    self._shown = quarter
-    bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
-    line = (f"{self.label} {done}/{total} [{bar}] {100 * done // total:3d}% "
-            f"{time.perf_counter() - self._start:.0f}s")
-    end = "\n" if not self._tty or done >= total else ""
-    print(("\r" if self._tty else "") + line, end=end, file=self._stream, flush=True)
 
 
 # --------------------------------------------------------------------------------------- molecules

@@ -14,10 +14,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import math
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Sequence, TextIO
@@ -29,38 +27,12 @@ from consist.relax import RelaxSettings
 from consist.predict import molecules, writers
 from consist.predict.molecules import Molecule, MoleculeError
 from consist.predict.writers import Structure
+from consist.progress import Progress
 
 REASON_NONFINITE = "non-finite prediction"
 # Atoms closer than this (Å) in a predicted structure are flagged in the summary (the shortest bond,
 # H2, is 0.74 Å): a sign of an undertrained structure model, not a chemical structure.
 OVERLAP_DISTANCE = 0.5
-
-
-class Progress:
-  """A one-line progress bar with rate and ETA (a line per 10% when the stream is not a terminal)."""
-
-  def __init__(self, label: str, total: int, stream: TextIO | None = None):
-    self.label, self.total, self.done = label, total, 0
-    self._stream = stream or sys.stderr
-    self._tty = hasattr(self._stream, "isatty") and self._stream.isatty()
-    self._start = time.perf_counter()
-    self._last_decile = -1
-
-  def update(self, n: int = 1) -> None:
-    self.done += n
-    frac = self.done / max(self.total, 1)
-    decile = int(10 * frac)
-    if not self._tty and decile == self._last_decile and self.done < self.total:
-      return
-    self._last_decile = decile
-    elapsed = time.perf_counter() - self._start
-    rate = self.done / elapsed if elapsed > 0 else math.nan
-    eta = (self.total - self.done) / rate if rate > 0 else math.nan
-    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-    eta_text = f"{eta:.0f}s" if math.isfinite(eta) else "–"
-    line = f"{self.label} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}% {rate:.1f}/s ETA {eta_text}"
-    self._stream.write(("\r" + line + ("\n" if self.done >= self.total else "")) if self._tty else line + "\n")
-    self._stream.flush()
 
 
 @dataclasses.dataclass
@@ -145,7 +117,7 @@ def _prepare(model: TrainedModel, items: Sequence[Molecule | MoleculeError], sam
       failures.append((i, e))
   needs_rdkit = sum(not m.has_coordinates for _, m in checked)
   workers = min(workers, os.cpu_count() or 1) if needs_rdkit >= PARALLEL_STARTS else 1
-  bar = Progress("prepare", len(items), stream)
+  bar = Progress("prepare", len(items), stream=stream)
   bar.update(len(items) - len(checked))
   ready = []
   for (i, molecule), start in zip(checked, _start_positions([m for _, m in checked], sampling, workers, bar)):
@@ -178,7 +150,7 @@ def predict(model: TrainedModel, inputs: Sequence[Molecule | MoleculeError], sam
   fidelity = model.fidelities[0]
   ready, failures = _prepare(model, inputs, sampling, fidelity, workers, stream)
 
-  bar = Progress("sample", len(ready), stream)
+  bar = Progress("sample", len(ready), stream=stream)
   samples = (molecules.sample_per_molecule(model, ready, sampling,
                                            progress=lambda done, _: bar.update(done - bar.done))
              if ready else [])
@@ -191,7 +163,7 @@ def predict(model: TrainedModel, inputs: Sequence[Molecule | MoleculeError], sam
   structures: list[Structure] = []
   unconverged = 0
   if relax:
-    bar = Progress("relax", len(candidates), stream)
+    bar = Progress("relax", len(candidates), stream=stream)
     results = model.relax([r for _, r, _ in candidates], RelaxSettings(fmax=fmax, max_steps=relax_steps),
                           progress=lambda done, _: bar.update(done - bar.done))
     for (molecule, _, k), r in zip(candidates, results):
