@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The BRIEF's CPU calibration model size: 2 layers, l <= 1.
   # The energy model: issue 12's MACE configuration (consist.models.config.EnergyModelConfig
   # defaults), its own trunk; the structure model: the BRIEF's CPU calibration size.
-  c.model = dict(energy=dict(), trunk="separate", channels=32, vector_channels=16, max_l=1, num_layers=2, num_radial=8, cutoff=5.0,
+  c.model = dict(energy=dict(), trunk="separate", channels=32, vector_channels=16, max_l=1, num_layers=2, num_radial=8, cutoff=5.0, topology_hops=0,
                  radial_hidden=32, time_frequencies=8, avg_num_neighbors=12.0, prediction="x0")
   c.diffusion = dict(kind="cosine", position_scale=1.0)
   # x0 prediction with min-SNR weights: consistency gradients reach the structure head at small t

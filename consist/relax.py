@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consist import model_hessian
-from consist.data.graph import cutoff_graph_edges, edge_bond_orders, full_graph_edges
+from consist.data.graph import cutoff_graph_edges, edge_bond_hops, edge_bond_orders, full_graph_edges
 from consist.types import GraphBatch
 
 METHODS = ("bfgs", "fire", "lbfgs")
@@ -536,7 +536,7 @@ class _Molecule:
   def __init__(self, index: int, record, fidelity: int, state: dict):
     self.index, self.record, self.fidelity, self.state = index, record, fidelity, state
     self.n = record.n_atoms
-    self.edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    self.edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     self.frames: list[np.ndarray] = []
 
 
@@ -584,7 +584,8 @@ class StreamRelaxer:
       senders, receivers = full_graph_edges(mol.n)
     else:
       senders, receivers = cutoff_graph_edges(positions, self.cutoff + self.skin)
-    return senders, receivers, edge_bond_orders(mol.record, senders, receivers)
+    return (senders, receivers, edge_bond_orders(mol.record, senders, receivers),
+            edge_bond_hops(mol.record, senders, receivers))
 
   def shape_for(self, records: Sequence[Any]) -> StreamShape:
     """The batch shape of a stream: `graphs` molecules of the stream's mean size with 5% to spare,
@@ -633,18 +634,20 @@ class StreamRelaxer:
     senders = np.full(n_edge, n_node - 1, np.int32)
     receivers = np.full(n_edge, n_node - 1, np.int32)
     bond_order = np.zeros(n_edge, np.float32)
+    bond_hops = np.zeros(n_edge, np.int32)
     edge_mask = np.zeros(n_edge, bool)
     n_nodes = np.zeros(n_graph, np.int32)
     charge = np.zeros(n_graph, np.int32)
     fidelity = np.zeros(n_graph, np.int32)
     node0 = edge0 = 0
     for g, m in enumerate(mols):
-      s, r, b = m.edges
+      s, r, b, h = m.edges
       z[node0:node0 + m.n] = m.record.atomic_numbers
       node_graph[node0:node0 + m.n] = g
       senders[edge0:edge0 + s.size] = s + node0
       receivers[edge0:edge0 + s.size] = r + node0
       bond_order[edge0:edge0 + s.size] = b
+      bond_hops[edge0:edge0 + s.size] = h
       edge_mask[edge0:edge0 + s.size] = True
       n_nodes[g], charge[g], fidelity[g] = m.n, m.record.charge, m.fidelity
       node0, edge0 = node0 + m.n, edge0 + s.size
@@ -655,7 +658,7 @@ class StreamRelaxer:
     batch = GraphBatch(
         atomic_numbers=z, positions=np.zeros((n_node, 3), np.float32), node_mask=node_mask,
         node_graph=node_graph, senders=senders, receivers=receivers, edge_mask=edge_mask,
-        bond_order=bond_order, graph_mask=graph_mask, n_node=n_nodes, charge=charge, fidelity=fidelity,
+        bond_order=bond_order, bond_hops=bond_hops, graph_mask=graph_mask, n_node=n_nodes, charge=charge, fidelity=fidelity,
         energy=zeros_g, energy_mask=np.zeros(n_graph, bool), forces=np.zeros((n_node, 3), np.float32),
         forces_mask=np.zeros(n_graph, bool), is_equilibrium=np.zeros(n_graph, bool),
         ref_positions=np.zeros((n_node, 3), np.float32), ref_mask=np.zeros(n_graph, bool))

@@ -35,6 +35,7 @@ class GraphBatch:
   receivers: jax.Array  # int32 [E]
   edge_mask: jax.Array  # bool [E]
   bond_order: jax.Array  # float32 [E]: 0 = not bonded, 1, 1.5 (aromatic), 2, 3
+  bond_hops: jax.Array  # int32 [E]: bonds on the shortest path between the pair (1 = bonded), 0 = none
   # --- graphs [G] ---
   graph_mask: jax.Array  # bool [G]
   n_node: jax.Array  # int32 [G]

@@ -38,6 +38,22 @@ def test_bond_orders_land_on_both_directions():
   assert order == {(0, 1): 1.0, (1, 0): 1.0, (0, 2): 2.0, (2, 0): 2.0, (1, 2): 0.0, (2, 1): 0.0}
 
 
+def test_bond_hops_count_bonds_on_the_shortest_path():
+  # Butane-like chain 0-1-2-3 plus a separate fragment 4-5: hops 1..3 along the chain, 0 across.
+  chain = MoleculeRecord(
+      mol_id="chain", atomic_numbers=np.array([6, 6, 6, 6, 8, 1]),
+      positions=np.arange(18, dtype=float).reshape(6, 3),
+      bonds=np.array([[0, 1], [1, 2], [2, 3], [4, 5]]), bond_orders=np.ones(4))
+  g = record_to_graph(chain)
+  hops = {(s, r): h for s, r, h in zip(g.senders.tolist(), g.receivers.tolist(), g.bond_hops.tolist())}
+  assert hops[(0, 1)] == hops[(1, 0)] == 1 and hops[(0, 2)] == 2 and hops[(3, 0)] == 3
+  assert hops[(4, 5)] == 1 and hops[(0, 4)] == 0 and hops[(5, 3)] == 0
+  assert g.bond_hops.dtype == np.int32
+  no_bonds = MoleculeRecord(mol_id="gas", atomic_numbers=np.array([18, 18]),
+                            positions=np.array([[0.0, 0, 0], [3.0, 0, 0]]))
+  assert record_to_graph(no_bonds).bond_hops.tolist() == [0, 0]
+
+
 def test_cutoff_graph_keeps_exactly_the_close_pairs(records):
   for rec in records:
     g = record_to_graph(rec, cutoff=2.0)
@@ -47,8 +63,10 @@ def test_cutoff_graph_keeps_exactly_the_close_pairs(records):
     assert g.n_edge == len(expected) == count_edges(rec, cutoff=2.0)
     full = record_to_graph(rec)
     full_order = dict(zip(zip(full.senders.tolist(), full.receivers.tolist()), full.bond_order.tolist()))
-    for s, r, b in zip(g.senders.tolist(), g.receivers.tolist(), g.bond_order.tolist()):
-      assert full_order[(s, r)] == b
+    full_hops = dict(zip(zip(full.senders.tolist(), full.receivers.tolist()), full.bond_hops.tolist()))
+    for s, r, b, h in zip(g.senders.tolist(), g.receivers.tolist(), g.bond_order.tolist(),
+                          g.bond_hops.tolist()):
+      assert full_order[(s, r)] == b and full_hops[(s, r)] == h
   assert sum(record_to_graph(r, cutoff=2.0).n_edge for r in records) < sum(
       record_to_graph(r).n_edge for r in records)
 
@@ -63,6 +81,7 @@ def _check_conventions(batch, budget):
   assert (batch.node_graph[pad_nodes] == g - 1).all()
   pad_edges = ~batch.edge_mask
   assert (batch.senders[pad_edges] == n - 1).all() and (batch.receivers[pad_edges] == n - 1).all()
+  assert (batch.bond_order[pad_edges] == 0).all() and (batch.bond_hops[pad_edges] == 0).all()
   lengths = np.linalg.norm(batch.positions[batch.senders] - batch.positions[batch.receivers], axis=-1)
   assert (lengths[pad_edges] == 0).all() and (lengths[~pad_edges] > 0.5).all()
   # Real edges stay inside one real graph.
@@ -81,7 +100,8 @@ def _real_content(batch):
   return {
       "z": batch.atomic_numbers[nodes], "pos": batch.positions[nodes], "f": batch.forces[nodes],
       "node_graph": batch.node_graph[nodes], "senders": batch.senders[edges],
-      "receivers": batch.receivers[edges], "bond": batch.bond_order[edges], "e": batch.energy[graphs],
+      "receivers": batch.receivers[edges], "bond": batch.bond_order[edges],
+      "hops": batch.bond_hops[edges], "e": batch.energy[graphs],
       "n": batch.n_node[graphs], "fid": batch.fidelity[graphs], "em": batch.energy_mask[graphs],
       "fm": batch.forces_mask[graphs], "eq": batch.is_equilibrium[graphs],
   }

@@ -1,5 +1,7 @@
 """Symmetries, padding invariance and forces of the equivariant model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,12 @@ from consist.models import model as model_lib
 from tests import model_fixtures as fx
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=[0, 3], ids=["bonds", "topology_hops3"])
+def setup(request):
   recs = fx.records()
   b = fx.batch(recs)
-  model, params = fx.model_and_params(example=b)
+  config = dataclasses.replace(fx.SMALL, topology_hops=request.param)
+  model, params = fx.model_and_params(config, example=b)
   t_G = jnp.linspace(0.1, 0.9, b.num_graphs)
 
   @jax.jit

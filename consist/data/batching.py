@@ -59,6 +59,7 @@ def empty_batch(budget: Budget) -> GraphBatch:
       receivers=np.full(e, n - 1, np.int32),
       edge_mask=np.zeros(e, bool),
       bond_order=np.zeros(e, np.float32),
+      bond_hops=np.zeros(e, np.int32),
       graph_mask=np.zeros(g, bool),
       n_node=np.asarray([0] * (g - 1) + [n], np.int32),
       charge=np.zeros(g, np.int32),
@@ -121,6 +122,7 @@ def batch_records(records: Sequence[MoleculeRecord], budget: Budget, *, fideliti
     out["receivers"][edges] = graph.receivers + node0
     out["edge_mask"][edges] = True
     out["bond_order"][edges] = graph.bond_order
+    out["bond_hops"][edges] = graph.bond_hops
     out["graph_mask"][g] = True
     out["n_node"][g] = n
     out["charge"][g] = record.charge

@@ -81,6 +81,10 @@ class ModelConfig:
     cutoff: Å. Non-bonded edges are switched off smoothly at `cutoff` (polynomial envelope);
       bonded edges (bond_order > 0) always carry messages, so a strongly noised structure keeps
       its bond graph.
+    topology_hops: 0 or 1: edges know only whether their pair is bonded; H >= 2: also whether it
+      is 2, 3, ..., H bonds apart (or further), and pairs up to H bonds apart always carry messages
+      (as bonded ones do). Generation from the graph needs it: at high noise the distances say
+      nothing, and 1-3 / 1-4 pairs fix the angles and torsions.
     radial_hidden: width of the MLP that turns edge scalars into tensor-product weights.
     time_frequencies: sinusoidal frequencies of the diffusion-time embedding.
     num_fidelities: size of the label-fidelity vocabulary (per-fidelity energy offsets).
@@ -107,6 +111,7 @@ class ModelConfig:
   num_layers: int = 2
   num_radial: int = 8
   cutoff: float = 5.0
+  topology_hops: int = 0
   radial_hidden: int = 32
   time_frequencies: int = 8
   num_fidelities: int = 1
@@ -129,3 +134,5 @@ class ModelConfig:
                        f"vector_channels={self.vector_channels}")
     if self.cutoff <= 0:
       raise ValueError(f"ModelConfig.cutoff must be > 0 Å, got {self.cutoff}")
+    if self.topology_hops < 0:
+      raise ValueError(f"ModelConfig.topology_hops must be >= 0, got {self.topology_hops}")

@@ -1,7 +1,9 @@
 """The structure model's E(3)-equivariant encoder: message passing over a `GraphBatch` (e3nn-jax).
 
 Inputs per node: atom type (embedding) and, with a shared trunk, the energy model's invariant node
-features; per edge: bond order (one-hot + value), distance (Gaussian radial basis) and direction
+features; per edge: bond order (one-hot + value), with `topology_hops` the pair's topological
+distance (one-hot of 2 ... topology_hops bonds apart, and a flag for further), distance (Gaussian
+radial basis) and direction
 (spherical harmonics up to `max_l`, `1o` in xyz order); per graph: the diffusion time t (sinusoidal
 embedding) and the structure level asked for (`ModelConfig.structure_levels`), added to the initial
 node scalars. Output: per-node irreps
@@ -66,8 +68,10 @@ def time_embedding(t_G: jax.Array, num_frequencies: int) -> jax.Array:
 def edge_features(config: ModelConfig, batch: GraphBatch, positions_N3: jax.Array):
   """(spherical harmonics [E, irreps], edge scalars [E, F], edge weight [E]) at positions (Å).
 
-  Edge scalars: Gaussian radial basis of the length + bond-order one-hot + bond order. Weight:
-  1 on bonded edges, the smooth cutoff envelope on non-bonded ones, 0 on padding edges.
+  Edge scalars: Gaussian radial basis of the length + bond-order one-hot + bond order (+ with
+  `topology_hops` H: one-hot of 2 ... H bonds apart, and a flag for pairs further apart). Weight: 1
+  on bonded edges (and on pairs up to H bonds apart), the smooth cutoff envelope on the others, 0 on
+  padding edges: a noised structure keeps its local topology whatever its distances.
   """
   dtype = positions_N3.dtype
   vectors = positions_N3[batch.receivers] - positions_N3[batch.senders]
@@ -78,9 +82,14 @@ def edge_features(config: ModelConfig, batch: GraphBatch, positions_N3: jax.Arra
   width = config.cutoff / config.num_radial
   radial = jnp.exp(-(((lengths[:, None] - centers[None, :]) / width) ** 2))
   bond_one_hot = (batch.bond_order[:, None] == jnp.asarray(BOND_ORDERS)[None, :]).astype(dtype)
-  edge_scalars = jnp.concatenate(
-      [radial, bond_one_hot, batch.bond_order[:, None].astype(dtype)], axis=-1)
+  parts = [radial, bond_one_hot, batch.bond_order[:, None].astype(dtype)]
   bonded = batch.bond_order > 0
+  if config.topology_hops > 1:
+    hops = jnp.arange(2, config.topology_hops + 1)
+    parts += [(batch.bond_hops[:, None] == hops[None, :]).astype(dtype),
+              (batch.bond_hops > config.topology_hops)[:, None].astype(dtype)]
+    bonded = bonded | ((batch.bond_hops > 0) & (batch.bond_hops <= config.topology_hops))
+  edge_scalars = jnp.concatenate(parts, axis=-1)
   envelope = e3nn.poly_envelope(5, 2)(lengths / config.cutoff)
   edge_weight = jnp.where(bonded, 1.0, envelope) * batch.edge_mask
   return sh, edge_scalars, edge_weight
