@@ -105,6 +105,8 @@ class Sampling:
       raise ValueError(f"samples and steps must be >= 1, got {self.samples}, {self.steps}")
     if not 0.0 < self.t_start <= 1.0 or (self.t_star is not None and not 0.0 < self.t_star <= 1.0):
       raise ValueError(f"t_star and t_start must lie in (0, 1], got {self.t_star}, {self.t_start}")
+    if not 0.0 <= self.eta <= 1.0:
+      raise ValueError(f"eta: must lie in [0, 1], got {self.eta}")
 
 
 def graph_slices(graphs: GraphBatch) -> list[slice]:

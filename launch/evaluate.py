@@ -26,7 +26,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of launch.train (
 _DATA = flags.DEFINE_string("data", None, "Dataset directory.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _T_START = flags.DEFINE_float("t_start", 1.0, "Start time of denoise / ddim from the prior.")
-_ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0 = deterministic).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and the ETKDG baseline's).")
 _LEVEL = flags.DEFINE_string("level", "gfn2-xtb", "Accurate level of theory (consist.levels name).")
 _WORKERS = flags.DEFINE_integer("workers", min(2, os.cpu_count() or 1),
@@ -50,7 +49,7 @@ def main(argv):
     raise app.UsageError(f"--baselines: unknown {sorted(unknown)}; expected some of {known}")
   try:
     sampling = run.Sampling(mode=sf.MODE.value, samples=sf.SAMPLES.value, steps=sf.STEPS.value,
-                            t_start=_T_START.value, t_star=sf.T_STAR.value, eta=_ETA.value,
+                            t_start=_T_START.value, t_star=sf.T_STAR.value, eta=sf.ETA.value,
                             noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
     settings = run.EvalSettings(level=_LEVEL.value, workers=_WORKERS.value,
                                 max_molecules=_MAX_MOLECULES.value, etkdg_seed=_SEED.value)

@@ -47,6 +47,8 @@ def _check_sampling_flags() -> None:
   for flag in (sf.SAMPLES, sf.RELAX_STEPS):
     if flag.value < 1:
       _fail(flag.name, flag.value, "must be >= 1")
+  if not 0.0 <= sf.ETA.value <= 1.0:
+    _fail("eta", sf.ETA.value, "must lie in [0, 1] (0: deterministic DDIM, 1: ancestral sampling)")
   if sf.STEPS.value < 0:
     _fail("steps", sf.STEPS.value, "must be >= 1 (or 0: the mode's default)")
   if _FMAX.value <= 0:
@@ -65,7 +67,7 @@ def main(argv):
 
   try:
     sampling = inference.Sampling(mode=sf.MODE.value, samples=sf.SAMPLES.value, steps=sf.STEPS.value,
-                                  t_star=sf.T_STAR.value, noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
+                                  eta=sf.ETA.value, t_star=sf.T_STAR.value, noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:

@@ -128,6 +128,9 @@ def test_cli_empty_input_and_flag_errors_before_loading_the_model(tmp_path):
   out = _cli("--smiles", "CCO", "--t_star", "2", *missing_model)
   assert out.returncode == 2 and "--t_star=2.0: must lie in (0, 1]" in out.stderr
   assert "t_start" not in out.stderr and "Traceback" not in out.stderr
+  out = _cli("--smiles", "CCO", "--mode", "ddim", "--eta", "1.5", *missing_model)
+  assert out.returncode == 2 and "--eta=1.5: must lie in [0, 1]" in out.stderr
+  assert "Traceback" not in out.stderr
   assert not list(tmp_path.glob("x.sdf"))
 
 
