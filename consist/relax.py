@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consist import model_hessian
-from consist.data.graph import cutoff_graph_edges, edge_bond_hops, edge_bond_orders, full_graph_edges
+from consist.data.graph import bond_hop_matrix, cutoff_graph_edges, edge_bond_orders, full_graph_edges
 from consist.types import GraphBatch
 
 METHODS = ("bfgs", "fire", "lbfgs")
@@ -537,6 +537,7 @@ class _Molecule:
     self.index, self.record, self.fidelity, self.state = index, record, fidelity, state
     self.n = record.n_atoms
     self.edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    self.hops = bond_hop_matrix(record)  # the bond graph does not change: once, not per re-neighbour
     self.frames: list[np.ndarray] = []
 
 
@@ -585,7 +586,7 @@ class StreamRelaxer:
     else:
       senders, receivers = cutoff_graph_edges(positions, self.cutoff + self.skin)
     return (senders, receivers, edge_bond_orders(mol.record, senders, receivers),
-            edge_bond_hops(mol.record, senders, receivers))
+            mol.hops[senders, receivers])
 
   def shape_for(self, records: Sequence[Any]) -> StreamShape:
     """The batch shape of a stream: `graphs` molecules of the stream's mean size with 5% to spare,

@@ -92,16 +92,20 @@ def edge_bond_orders(record: MoleculeRecord, senders: np.ndarray, receivers: np.
   return out
 
 
-def edge_bond_hops(record: MoleculeRecord, senders: np.ndarray, receivers: np.ndarray) -> np.ndarray:
-  """int32 [e]: bonds on the shortest path from sender to receiver; 0 if there is none."""
-  if record.bonds is None or record.n_bonds == 0 or senders.size == 0:
-    return np.zeros(senders.shape[0], np.int32)
+def bond_hop_matrix(record: MoleculeRecord) -> np.ndarray:
+  """int32 [n, n]: bonds on the shortest path between each pair of atoms; 0 if there is none."""
   n = record.n_atoms
+  if record.bonds is None or record.n_bonds == 0:
+    return np.zeros((n, n), np.int32)
   bonds = np.asarray(record.bonds, dtype=np.int64)
   adjacency = scipy.sparse.coo_matrix((np.ones(len(bonds)), (bonds[:, 0], bonds[:, 1])), shape=(n, n))
   hops = scipy.sparse.csgraph.shortest_path(adjacency, method="D", directed=False, unweighted=True)
-  hops = hops[senders, receivers]
   return np.where(np.isfinite(hops), hops, 0).astype(np.int32)
+
+
+def edge_bond_hops(record: MoleculeRecord, senders: np.ndarray, receivers: np.ndarray) -> np.ndarray:
+  """int32 [e]: bonds on the shortest path from sender to receiver; 0 if there is none."""
+  return bond_hop_matrix(record)[senders, receivers]
 
 
 def record_to_graph(record: MoleculeRecord, *, cutoff: float | None = None) -> Graph:
