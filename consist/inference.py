@@ -14,7 +14,8 @@ cutoff plus RELAX_SKIN, one compilation per stream shape.
 
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
-  ddim     `steps` deterministic DDIM steps (eta = 0) from the prior at `t_start`;
+  ddim     `steps` DDIM steps from the prior at `t_start`; by default ancestral (eta = 1, 100 steps:
+           the noise re-injected at each step corrects early errors that deterministic DDIM keeps);
   refine   the record's own positions (e.g. an MMFF structure) at `t_star`, then `steps` DDIM
            steps to 0: noised there (SDEdit, `noise=True`) or taken unnoised (deterministic; with
            the "edm" parameterisation the identity dominates at small t_star); `steps=1` is one
@@ -61,7 +62,11 @@ RELAX_REFILL_AT = 6
 # the identity up to an O(s) correction). Level 0 at t* = 0.005, chosen on the val split: a 2,000-step
 # multi-task model gives the MMFF94 structures back with a GFN2-xTB gap 0.98x the input's, 1.09x at
 # t* = 0.01, 1.2-1.6x at 0.02 (docs/DEVLOG.md, session 7).
-DEFAULT_STEPS = {"denoise": 1, "ddim": 10, "refine": 1}
+# De novo DDIM: ancestral (eta 1) with 100 steps; deterministic 10-step DDIM made 15% valid molecules
+# with the bundled model, this 72% (60 test molecules; 200 steps add nothing; docs/DEVLOG.md,
+# session 10). Refine stays deterministic.
+DEFAULT_STEPS = {"denoise": 1, "ddim": 100, "refine": 1}
+DEFAULT_ETA = {"denoise": 0.0, "ddim": 1.0, "refine": 0.0}
 LEVEL0_T_STAR = 0.005
 # progress(records done, records total), called after every batch.
 Progress = Callable[[int, int], None]
@@ -78,7 +83,8 @@ class Sampling:
     t_start: start time of denoise / ddim from the prior.
     t_star: noise level the input structure is taken to in refine mode; None = the level's own
       (`TrainedModel.refine_t_star`).
-    eta: DDIM stochasticity (0 = deterministic).
+    eta: DDIM stochasticity in [0, 1] (0 = deterministic, 1 ~ ancestral); None = the mode's
+      default (`DEFAULT_ETA`).
     noise: refine mode: noise the input structure to t_star (SDEdit) or not (deterministic).
     level: structure level (see the module docstring); None = the highest trained one.
     seed: sampling seed; batch b uses fold_in(key(seed), b).
@@ -89,7 +95,7 @@ class Sampling:
   steps: int = 0
   t_start: float = 1.0
   t_star: float | None = None
-  eta: float = 0.0
+  eta: float | None = None
   noise: bool = False
   level: int | None = None
   seed: int = 0
@@ -101,6 +107,8 @@ class Sampling:
       raise ValueError(f"level: must be >= 0, got {self.level}")
     if self.steps == 0 and self.mode in DEFAULT_STEPS:
       object.__setattr__(self, "steps", DEFAULT_STEPS[self.mode])
+    if self.eta is None:
+      object.__setattr__(self, "eta", DEFAULT_ETA[self.mode])
     if self.samples < 1 or self.steps < 1:
       raise ValueError(f"samples and steps must be >= 1, got {self.samples}, {self.steps}")
     if not 0.0 < self.t_start <= 1.0 or (self.t_star is not None and not 0.0 < self.t_star <= 1.0):

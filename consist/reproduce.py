@@ -108,8 +108,8 @@ class ReproduceConfig:
       structure relaxed on the arm's learned energy to `relax_fmax` eV/Å with `relax_method`;
       "" = `consist.relax.RelaxSettings`' default).
     samples, steps, t_start, t_star, eta, noise: `consist.inference.Sampling` of the evaluation
-      (each arm is asked for the highest structure level its model was trained for; t_star None:
-      the level's own, `TrainedModel.refine_t_star`).
+      (eta None: each mode's default; each arm is asked for the highest structure level its model
+      was trained for; t_star None: the level's own, `TrainedModel.refine_t_star`).
     refine_steps: DDIM steps of mode refine (0: `steps`).
     level, workers, max_molecules: `consist.eval.run.EvalSettings`.
     eval_seed: sampling seed and ETKDG seed.
@@ -129,7 +129,7 @@ class ReproduceConfig:
   steps: int = 10
   t_start: float = 1.0
   t_star: float | None = 0.1
-  eta: float = 0.0
+  eta: float | None = 0.0
   noise: bool = True
   refine_steps: int = 0
   level: str = "gfn2-xtb"
@@ -498,9 +498,10 @@ class Reproduction:
         "force data": (f"force loss (weight {rc.force_weight}) + off-equilibrium records; without: "
                        "equilibrium records only, no force labels"),
         "sampling": (f"K={rc.samples} per molecule; ddim {rc.steps} steps from t_start "
-                     f"{rc.t_start}; refine {rc.refine_steps or rc.steps} steps from t_star "
-                     f"{rc.t_star or 'the level trained for'} ({'noised' if rc.noise else 'unnoised'}); "
-                     f"eta {rc.eta}, seed {rc.eval_seed}"),
+                     f"{rc.t_start}, eta {rc.sampling('ddim').eta}; refine {rc.refine_steps or rc.steps} "
+                     f"steps from t_star {rc.t_star or 'the level trained for'} "
+                     f"({'noised' if rc.noise else 'unnoised'}), eta {rc.sampling('refine').eta}; "
+                     f"seed {rc.eval_seed}"),
         "accurate level": rc.level,
     })
     if RELAX_MODE in rc.modes:

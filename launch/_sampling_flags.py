@@ -8,10 +8,9 @@ from consist.inference import MODES
 MODE = flags.DEFINE_enum("mode", "refine", list(MODES), "Generation mode.")
 SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule (K).")
 STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
-                             "(ddim 10, refine 1).")
-ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity in [0, 1]: 0 deterministic, 1 ancestral. "
-                         "De novo (ddim): ancestral sampling with ~100 steps makes far more valid "
-                         "molecules than the default (docs/DEVLOG.md, session 10).")
+                             "(ddim 100, refine 1).")
+ETA = flags.DEFINE_float("eta", None, "DDIM stochasticity in [0, 1]: 0 deterministic, 1 ancestral; "
+                         "default: the mode's (ddim 1, refine 0; docs/DEVLOG.md, session 10).")
 T_STAR = flags.DEFINE_float("t_star", None, "Noise level the start (cheap) structure is taken to in refine "
                             "mode, (0, 1]; default: the one the level asked for was trained at (0.005 for "
                             "level 0, the consistency t* for the accurate level: 0.02 for the bundled model).")

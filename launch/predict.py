@@ -47,7 +47,7 @@ def _check_sampling_flags() -> None:
   for flag in (sf.SAMPLES, sf.RELAX_STEPS):
     if flag.value < 1:
       _fail(flag.name, flag.value, "must be >= 1")
-  if not 0.0 <= sf.ETA.value <= 1.0:
+  if sf.ETA.value is not None and not 0.0 <= sf.ETA.value <= 1.0:
     _fail("eta", sf.ETA.value, "must lie in [0, 1] (0: deterministic DDIM, 1: ancestral sampling)")
   if sf.STEPS.value < 0:
     _fail("steps", sf.STEPS.value, "must be >= 1 (or 0: the mode's default)")

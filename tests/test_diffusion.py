@@ -118,3 +118,13 @@ def test_ddim_reproduces_gaussian_mean_and_covariance(one_molecule, eta):
       lambda kk: diffusion.sample_one_step(eps_fn, b, schedule, kk), key, 500))
   x1 = np.asarray(one(jax.random.key(1)))[:, :n].reshape(500, -1)
   assert np.linalg.norm(np.cov(x1.T) - cov) / np.linalg.norm(cov) > 0.5
+
+
+def test_sampling_defaults_are_per_mode():
+  from consist.inference import Sampling
+  ddim, refine = Sampling(mode="ddim"), Sampling(mode="refine")
+  assert (ddim.steps, ddim.eta) == (100, 1.0)  # de novo: ancestral
+  assert (refine.steps, refine.eta) == (1, 0.0)  # refine: one deterministic step
+  assert Sampling(mode="ddim", steps=10, eta=0.0).eta == 0.0  # explicit values are kept
+  with pytest.raises(ValueError, match=r"eta: must lie in \[0, 1\]"):
+    Sampling(mode="ddim", eta=1.5)

@@ -1,7 +1,8 @@
 """Prediction throughput against the quantum chemistry it replaces, measured in one run.
 
 On molecules of the bundled test split, from their MMFF94 structures (the records' own positions):
-  refine, denoise (one-step de novo), ddim (de novo, `DDIM_STEPS` steps): `TrainedModel.sample`;
+  refine, denoise (one-step de novo), ddim (de novo, the sampler's default: ancestral, 100 steps):
+  `TrainedModel.sample`;
   relax, relax_fire, relax_lbfgs: `TrainedModel.relax` (a refilled batch on a radius graph,
     `consist.relax.StreamRelaxer`) on the learned energy to `RELAX_FMAX` eV/Å: BFGS from Lindh's
     model Hessian (the default), FIRE, L-BFGS; with steps and energy evaluations per molecule and
@@ -28,7 +29,6 @@ from consist.data.bundled import BUNDLED_DATASET, PRETRAINED_MODEL
 from consist.eval import physics
 from consist.relax import RelaxSettings
 
-DDIM_STEPS = 10
 RELAX_FMAX = 0.05
 XTB_FMAX = 0.01
 XTB_LEVEL = "gfn2-xtb"
@@ -108,7 +108,7 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
   modes = {
       "refine": Sampling(mode="refine"),
       "denoise": Sampling(mode="denoise"),
-      "ddim": Sampling(mode="ddim", steps=DDIM_STEPS),
+      "ddim": Sampling(mode="ddim"),
   }
   result: dict = {
       "workdir": str(workdir.resolve()), "step": model.step, "data": f"{data} (test split)",
@@ -119,7 +119,7 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
     timing = _twice(lambda s=sampling: model.sample(records, s), len(records))
     timing.pop("_out")
     resolved = model.resolve(sampling)
-    result["modes"][name] = {"sampling": {"mode": sampling.mode, "steps": sampling.steps,
+    result["modes"][name] = {"sampling": {"mode": sampling.mode, "steps": sampling.steps, "eta": sampling.eta,
                                           "level": resolved.level, "t_star": resolved.t_star}, **timing}
   stream = model._stream  # pylint: disable=protected-access
   for name, method in (("relax", "bfgs"), ("relax_fire", "fire"), ("relax_lbfgs", "lbfgs")):
