@@ -4,7 +4,7 @@ the bundled dataset, evaluated against the GFN2-xTB minima, on a laptop CPU.
   python -m launch.reproduce --config configs/demo.py --workdir runs/demo
 
 One seed of configs/reproduce_pretrained.py, shortened: from the bundled stage 1
-(models/structure_stage1: the structure model trained 6,000 steps by denoising the MMFF94
+(models/structure_stage1: the structure model trained 26,000 steps by denoising the MMFF94
 structures on the frozen bundled energy model), two stage-2 arms of the same steps —
 `multitask` (denoising continued: the baseline) and `consistency` (+ optimality consistency at the
 accurate structure level) — then refine (one deterministic step from the MMFF94 structure) and

@@ -7,8 +7,10 @@ independent of the other two:
   # 1. the energy model alone (configs/energy.py: what `launch.bench --only energy` trains), ~25 min
   python -m launch.train --config configs/pretrained.py --workdir runs/pretrained_energy
   # 2. the structure model on it, denoising the MMFF94 structures (EDM preconditioning, two
-  #    structure levels); only the energy model's parameters are taken, and they stay as they are.
-  #    6,000 steps (the bundled models/structure_stage1), ~10-40 min
+  #    structure levels, topological distances on edges); only the energy model's parameters are
+  #    taken, and they stay as they are. The bundled models/structure_stage1 is 26,000 steps in
+  #    three runs, this one (6,000 steps, 10 min) continued twice as a stage-2 run with the
+  #    consistency weights 0 (+8,000, +12,000 steps): commands in models/structure_stage1/README.md
   python -m launch.train --config configs/pretrained.py:structure --workdir runs/structure_stage1 \
       --config.train.init_from=runs/pretrained_energy --config.train.steps=6000
   # 3. stage 2: + optimality consistency (descent form) at the accurate structure level, from the
@@ -81,6 +83,9 @@ def _structure() -> ml_collections.ConfigDict:
   c.loss.denoise_weight = 1.0
   # EDM preconditioning: refine at small t is near the identity by construction (issue 13).
   c.model.update(prediction="edm", structure_levels=2)
+  # Edges know the pair's topological distance up to 3 bonds, and 1-3 / 1-4 pairs stay connected:
+  # with enough training, 88% vs 77% valid de novo at 14,000 steps (docs/DEVLOG.md, session 11).
+  c.model.topology_hops = 3
   c.loss.denoise_weighting = "edm"
   c.train.update(stage=1, init_mode="energy_model")
   c.optim.update(learning_rate=2e-3, warmup_steps=100, end_lr_factor=0.02)

@@ -4,7 +4,8 @@
 
 The energy model is the bundled one (models/pretrained: MACE-class, trained on the GFN2-xTB energies
 and forces of data/bundled, configs/energy.py); it is frozen. One stage 1, shared by the seeds,
-bundled as models/structure_stage1 (`stage1` below is its config: 6,000 steps):
+bundled as models/structure_stage1 (`stage1` below is its config; the bundled one is 26,000 steps in
+three runs, models/structure_stage1/README.md):
   stage1       the structure model, denoising the MMFF94 structures (configs/pretrained.py:structure,
                EDM preconditioning, two structure levels), on the frozen energy model
 then per seed s (run and data-order seeds + s), from it:
@@ -19,7 +20,7 @@ only in the batches' share of off-equilibrium records and are not run.
 Evaluation on the whole test split (761 molecules; GFN2-xTB minima as reference): refine
 (deterministic, one step from the MMFF94 structure at the highest structure level the arm trained,
 at the t* it trained it for: level 0 at 0.005 for multitask, level 1 at 0.02 for consistency), de novo
-(ancestral DDIM, 100 steps from the graph: the sampler's default; the results/ of session 8 used 10
+(ancestral DDIM, 200 steps from the graph: the sampler's default; the results/ of session 8 used 10
 deterministic steps), relax (the MMFF94 structure relaxed on the learned energy: the same for every arm, computed once),
 and the MMFF94 / ETKDG baselines.
 """
@@ -32,7 +33,7 @@ from consist.data.bundled import PRETRAINED_MODEL, STRUCTURE_STAGE1
 from consist.reproduce import load_config
 
 _PRETRAINED = Path(__file__).with_name("pretrained.py")
-STAGE1_STEPS = 6000
+STAGE1_STEPS = 6000  # a stage 1 trained here (reproduce.stage1_workdir=""); the bundled one is longer
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -45,6 +46,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seeds=3, arms=("multitask", "consistency"), stage1_force_data=False,
       stage1_workdir=str(STRUCTURE_STAGE1), force_weight=10.0,
       split="test", modes=("refine", "ddim", "relax"),
-      samples=1, steps=100, t_start=1.0, t_star=None, eta=None,
+      samples=1, steps=200, t_start=1.0, t_star=None, eta=None,
       noise=False, refine_steps=1, level="gfn2-xtb", workers=2, max_molecules=0, eval_seed=0)
   return c

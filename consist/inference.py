@@ -14,7 +14,7 @@ cutoff plus RELAX_SKIN, one compilation per stream shape.
 
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
-  ddim     `steps` DDIM steps from the prior at `t_start`; by default ancestral (eta = 1, 100 steps:
+  ddim     `steps` DDIM steps from the prior at `t_start`; by default ancestral (eta = 1, 200 steps:
            the noise re-injected at each step corrects early errors that deterministic DDIM keeps);
   refine   the record's own positions (e.g. an MMFF structure) at `t_star`, then `steps` DDIM
            steps to 0: noised there (SDEdit, `noise=True`) or taken unnoised (deterministic; with
@@ -62,10 +62,10 @@ RELAX_REFILL_AT = 6
 # the identity up to an O(s) correction). Level 0 at t* = 0.005, chosen on the val split: a 2,000-step
 # multi-task model gives the MMFF94 structures back with a GFN2-xTB gap 0.98x the input's, 1.09x at
 # t* = 0.01, 1.2-1.6x at 0.02 (docs/DEVLOG.md, session 7).
-# De novo DDIM: ancestral (eta 1) with 100 steps; deterministic 10-step DDIM made 15% valid molecules
-# with the bundled model, this 72% (60 test molecules; 200 steps add nothing; docs/DEVLOG.md,
-# session 10). Refine stays deterministic.
-DEFAULT_STEPS = {"denoise": 1, "ddim": 100, "refine": 1}
+# De novo DDIM: ancestral (eta 1) with 200 steps. 60 test molecules, structure model of 26,000 steps:
+# 93% valid at 100 steps, 98% at 200; deterministic 10-step DDIM made 15% with the session-8 model
+# (docs/DEVLOG.md, sessions 10-11). Refine stays deterministic.
+DEFAULT_STEPS = {"denoise": 1, "ddim": 200, "refine": 1}
 DEFAULT_ETA = {"denoise": 0.0, "ddim": 1.0, "refine": 0.0}
 LEVEL0_T_STAR = 0.005
 # progress(records done, records total), called after every batch.

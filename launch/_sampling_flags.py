@@ -8,7 +8,7 @@ from consist.inference import MODES
 MODE = flags.DEFINE_enum("mode", "refine", list(MODES), "Generation mode.")
 SAMPLES = flags.DEFINE_integer("samples", 1, "Structures per molecule (K).")
 STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mode's default "
-                             "(ddim 100, refine 1).")
+                             "(ddim 200, refine 1).")
 ETA = flags.DEFINE_float("eta", None, "DDIM stochasticity in [0, 1]: 0 deterministic, 1 ancestral; "
                          "default: the mode's (ddim 1, refine 0; docs/DEVLOG.md, session 10).")
 T_STAR = flags.DEFINE_float("t_star", None, "Noise level the start (cheap) structure is taken to in refine "

@@ -123,7 +123,7 @@ def test_ddim_reproduces_gaussian_mean_and_covariance(one_molecule, eta):
 def test_sampling_defaults_are_per_mode():
   from consist.inference import Sampling
   ddim, refine = Sampling(mode="ddim"), Sampling(mode="refine")
-  assert (ddim.steps, ddim.eta) == (100, 1.0)  # de novo: ancestral
+  assert (ddim.steps, ddim.eta) == (200, 1.0)  # de novo: ancestral
   assert (refine.steps, refine.eta) == (1, 0.0)  # refine: one deterministic step
   assert Sampling(mode="ddim", steps=10, eta=0.0).eta == 0.0  # explicit values are kept
   with pytest.raises(ValueError, match=r"eta: must lie in \[0, 1\]"):

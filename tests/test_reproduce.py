@@ -33,7 +33,7 @@ def test_pretrained_reproduction_config_freezes_the_bundled_energy_model():
   rc = ReproduceConfig.from_dict(c.reproduce.to_dict())
   s1, s2 = Config.from_config_dict(c.stage1), Config.from_config_dict(c.stage2)
   assert rc.arms == ("multitask", "consistency") and not rc.noise and rc.refine_steps == 1
-  assert rc.sampling("refine").steps == 1 and rc.sampling("ddim").steps == rc.steps == 100
+  assert rc.sampling("refine").steps == 1 and rc.sampling("ddim").steps == rc.steps == 200
   assert rc.sampling("ddim").eta == 1.0 and rc.sampling("refine").eta == 0.0  # ancestral de novo
   assert s1.train.init_mode == "energy_model" and s1.train.stage == 1
   for s in (s1, s2):

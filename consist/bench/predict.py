@@ -1,7 +1,7 @@
 """Prediction throughput against the quantum chemistry it replaces, measured in one run.
 
 On molecules of the bundled test split, from their MMFF94 structures (the records' own positions):
-  refine, denoise (one-step de novo), ddim (de novo, the sampler's default: ancestral, 100 steps):
+  refine, denoise (one-step de novo), ddim (de novo, the sampler's default: ancestral, 200 steps):
   `TrainedModel.sample`;
   relax, relax_fire, relax_lbfgs: `TrainedModel.relax` (a refilled batch on a radius graph,
     `consist.relax.StreamRelaxer`) on the learned energy to `RELAX_FMAX` eV/Å: BFGS from Lindh's
