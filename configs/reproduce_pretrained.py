@@ -19,10 +19,10 @@ only in the batches' share of off-equilibrium records and are not run.
 
 Evaluation on the whole test split (761 molecules; GFN2-xTB minima as reference): refine
 (deterministic, one step from the MMFF94 structure at the highest structure level the arm trained,
-at the t* it trained it for: level 0 at 0.005 for multitask, level 1 at 0.02 for consistency), de novo
-(ancestral DDIM, 200 steps from the graph: the sampler's default; the results/ of session 8 used 10
-deterministic steps), relax (the MMFF94 structure relaxed on the learned energy: the same for every arm, computed once),
-and the MMFF94 / ETKDG baselines.
+at the t* it trained it for: level 0 at 0.005 for multitask, level 1 at 0.02 for consistency), de
+novo (ancestral DDIM, 200 steps from the graph: the sampler's default; the results/ of session 8
+used 10 deterministic steps), relax (the MMFF94 structure relaxed on the learned energy: the same
+for every arm, computed once), and the MMFF94 / ETKDG baselines.
 """
 
 from pathlib import Path

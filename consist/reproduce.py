@@ -486,6 +486,7 @@ class Reproduction:
   def _meta(self, meta: dict[str, Any], diagnostics: dict[str, list[dict]]) -> dict[str, Any]:
     rc = self.rc
     s1, s2 = Config.from_config_dict(self.stage1), Config.from_config_dict(self.stage2)
+    ddim, refine = rc.sampling("ddim"), rc.sampling("refine")
     out = dict(eval_run.provenance())
     out.update(meta)
     out.update({
@@ -497,11 +498,10 @@ class Reproduction:
                      + f"; every arm {s2.train.steps} stage-2 steps from it"),
         "force data": (f"force loss (weight {rc.force_weight}) + off-equilibrium records; without: "
                        "equilibrium records only, no force labels"),
-        "sampling": (f"K={rc.samples} per molecule; ddim {rc.steps} steps from t_start "
-                     f"{rc.t_start}, eta {rc.sampling('ddim').eta}; refine {rc.refine_steps or rc.steps} "
-                     f"steps from t_star {rc.t_star or 'the level trained for'} "
-                     f"({'noised' if rc.noise else 'unnoised'}), eta {rc.sampling('refine').eta}; "
-                     f"seed {rc.eval_seed}"),
+        "sampling": (f"K={rc.samples} per molecule; ddim {ddim.steps} steps from t_start "
+                     f"{ddim.t_start}, eta {ddim.eta}; refine {refine.steps} steps from t_star "
+                     f"{refine.t_star or 'the level trained for'} "
+                     f"({'noised' if refine.noise else 'unnoised'}), eta {refine.eta}; seed {rc.eval_seed}"),
         "accurate level": rc.level,
     })
     if RELAX_MODE in rc.modes:
