@@ -15,7 +15,10 @@ cutoff plus RELAX_SKIN, one compilation per stream shape.
 Sampling modes (BRIEF section 2):
   denoise  one-step x0 prediction from the prior at `t_start` (default 1);
   ddim     `steps` DDIM steps from the prior at `t_start`; by default ancestral (eta = 1, 200 steps:
-           the noise re-injected at each step corrects early errors that deterministic DDIM keeps);
+           the noise re-injected at each step corrects early errors that deterministic DDIM keeps).
+           Asked for a level l >= 1, which consistency trains only at its `t_star`, the trajectory
+           runs at level 0 (trained at every t) and its sample is then refined at level l, as
+           refine mode does (one deterministic step from it at `t_star`);
   refine   the record's own positions (e.g. an MMFF structure) at `t_star`, then `steps` DDIM
            steps to 0: noised there (SDEdit, `noise=True`) or taken unnoised (deterministic; with
            the "edm" parameterisation the identity dominates at small t_star); `steps=1` is one
@@ -68,6 +71,9 @@ RELAX_REFILL_AT = 6
 DEFAULT_STEPS = {"denoise": 1, "ddim": 200, "refine": 1}
 DEFAULT_ETA = {"denoise": 0.0, "ddim": 1.0, "refine": 0.0}
 LEVEL0_T_STAR = 0.005
+# Bumped whenever a setting of `Sampling` comes to mean a different computation (a cached
+# evaluation keyed on the settings is then not reused): 2 = ddim at level >= 1 hands off from level 0.
+SAMPLER_REVISION = 2
 # progress(records done, records total), called after every batch.
 Progress = Callable[[int, int], None]
 
@@ -81,8 +87,8 @@ class Sampling:
     samples: K structures per molecule, drawn in one batched call.
     steps: DDIM steps (ddim, refine); 0 = the mode's default (`DEFAULT_STEPS`).
     t_start: start time of denoise / ddim from the prior.
-    t_star: noise level the input structure is taken to in refine mode; None = the level's own
-      (`TrainedModel.refine_t_star`).
+    t_star: noise level the input structure (refine) or the level-0 sample (ddim at a level >= 1)
+      is refined from; None = the level's own (`TrainedModel.refine_t_star`).
     eta: DDIM stochasticity in [0, 1] (0 = deterministic, 1 ~ ancestral); None = the mode's
       default (`DEFAULT_ETA`).
     noise: refine mode: noise the input structure to t_star (SDEdit) or not (deterministic).
@@ -246,6 +252,13 @@ class TrainedModel:
     eps_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule, level=sampling.level)
     if sampling.mode == "denoise":
       sampler = lambda k: diffusion.sample_one_step(eps_fn, graphs, self.schedule, k, t_start=sampling.t_start)
+    elif sampling.mode == "ddim" and sampling.level > 0:  # level 0 from the prior, then refine at the level
+      eps0_fn = diffusion.model_denoiser(self.model, params, graphs, self.schedule, level=0)
+      sampler = lambda k: diffusion.refine(
+          eps_fn, graphs, self.schedule, k,
+          diffusion.sample_ddim(eps0_fn, graphs, self.schedule, k, num_steps=sampling.steps,
+                                t_start=sampling.t_start, eta=sampling.eta),
+          t_star=sampling.t_star, num_steps=1, noise=False)
     elif sampling.mode == "ddim":
       sampler = lambda k: diffusion.sample_ddim(eps_fn, graphs, self.schedule, k, num_steps=sampling.steps,
                                                 t_start=sampling.t_start, eta=sampling.eta)

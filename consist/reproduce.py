@@ -55,7 +55,7 @@ from consist.config import Config
 from consist.data.store import DatasetWriter, open_dataset
 from consist.eval import report
 from consist.eval import run as eval_run
-from consist.inference import MODES, Sampling, TrainedModel
+from consist.inference import MODES, SAMPLER_REVISION, Sampling, TrainedModel
 from consist.relax import RelaxSettings
 from consist.relaxed_targets import write_relaxed_targets
 from consist.train import train_and_evaluate
@@ -423,12 +423,13 @@ class Reproduction:
         sampling = model.resolve(self.rc.sampling(mode))
       path = self.workdir / "evals" / f"seed{seed}" / arm / f"{mode}.json"
       key = {"step": step, "sampling": dataclasses.asdict(sampling), "settings": settings,
-             "mol_ids": mol_ids}
+             "mol_ids": mol_ids, "sampler_revision": SAMPLER_REVISION}
       if relax:  # a function of the energy model alone: arms that share it share the evaluation
         model = model or TrainedModel.load(workdir)
         fingerprint = energy_model_fingerprint(model.params)
         path = self.workdir / "evals" / f"relax_{fingerprint[:16]}.json"
         key = dict(key, step=None, energy_model=fingerprint)
+        del key["sampler_revision"]
       stored = self._cached(path, key)
       if stored is not None:
         out[mode] = eval_run.Evaluation.from_json(stored["evaluation"])

@@ -11,9 +11,10 @@ STEPS = flags.DEFINE_integer("steps", 0, "DDIM steps (ddim, refine); 0 = the mod
                              "(ddim 200, refine 1).")
 ETA = flags.DEFINE_float("eta", None, "DDIM stochasticity in [0, 1]: 0 deterministic, 1 ancestral; "
                          "default: the mode's (ddim 1, refine 0; docs/DEVLOG.md, session 10).")
-T_STAR = flags.DEFINE_float("t_star", None, "Noise level the start (cheap) structure is taken to in refine "
-                            "mode, (0, 1]; default: the one the level asked for was trained at (0.005 for "
-                            "level 0, the consistency t* for the accurate level: 0.02 for the bundled model).")
+T_STAR = flags.DEFINE_float("t_star", None, "Noise level refine takes the start (cheap) structure to, and "
+                            "ddim at level >= 1 its level-0 sample, (0, 1]; default: the one the level asked "
+                            "for was trained at (0.005 for level 0, the consistency t* for the accurate "
+                            "level: 0.02 for the bundled model).")
 NOISE = flags.DEFINE_bool("noise", False, "refine: noise the start structure to t_star (SDEdit); "
                           "default: start from it unnoised (deterministic).")
 STRUCTURE_LEVEL = flags.DEFINE_integer("structure_level", None, "Structure level asked of the model "
