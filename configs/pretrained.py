@@ -68,8 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # denoising keeps level 0 on the cheap structures.
     c.loss.update(optimality_weight=OPTIMALITY_WEIGHT, optimality_form="descent",
                   optimality_noise=False, optimality_t_range=(REFINE_T_STAR, REFINE_T_STAR),
-                  consistency_level=1, consistency_params="structure_head+encoder",
+                  consistency_level=1, consistency_params="level_increment",
                   score_weight=0.0)
+    # Level 1 has its own increment of every structure parameter, and consistency trains only
+    # that: level 0 (de novo from the prior, denoising) is exactly what the multi-task arm has.
+    c.model.level_params = "increment"
   return c
 
 

@@ -194,6 +194,23 @@ def load_init(workdir: str | Path, abstract: TrainState, *, with_opt: bool) -> t
   return params, opt_state, step
 
 
+def _latest_params_item(workdir: str | Path) -> tuple[Path, int]:
+  """(the EMA or params item of the latest checkpoint of a run's workdir, its step)."""
+  with Checkpointer(workdir, read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to initialise from")
+    step_dir = ckpt.directory / str(step)
+  return step_dir / ("ema" if (step_dir / "ema").is_dir() else "params"), step
+
+
+def stored_param_subtrees(workdir: str | Path) -> set[str]:
+  """The top-level parameter subtrees of the latest checkpoint of a run's workdir."""
+  item, _ = _latest_params_item(workdir)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return set(checkpointer.metadata(item).item_metadata)
+
+
 def load_init_subtrees(workdir: str | Path, abstract_params: dict, names: tuple[str, ...]) -> tuple[dict, int]:
   """({name: EMA params} of the latest checkpoint of another run, step) for the top-level param
   subtrees `names` only (e.g. a trained energy model under a new structure model).
@@ -202,12 +219,7 @@ def load_init_subtrees(workdir: str | Path, abstract_params: dict, names: tuple[
   parameter, otherwise); the other stored subtrees are read and dropped. Arrays come back with the
   shardings of `abstract_params`.
   """
-  with Checkpointer(workdir, read_only=True) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to initialise from")
-    step_dir = ckpt.directory / str(step)
-  item = step_dir / ("ema" if (step_dir / "ema").is_dir() else "params")
+  item, step = _latest_params_item(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(item).item_metadata

@@ -108,7 +108,9 @@ class TrainConfig:
     init_from: workdir of a run whose latest checkpoint initialises this run (ignored when this
       workdir already holds a checkpoint: then the run resumes): stage 2 from its stage-1 run, or
       any stage with init_mode "energy_model" (a structure model trained on a finished energy model).
-    init_mode: "params" (fresh optimizer, step 0), "params+opt" (also the optimizer moments; the
+    init_mode: "params" (fresh optimizer, step 0; a run without the level increments this model
+      has, e.g. a stage 1 for a stage 2 with `level_params="increment"`, starts them at zero),
+      "params+opt" (also the optimizer moments; the
       step counter still restarts at 0 so the new schedule runs in full) or "energy_model" (only the
       energy model's parameters; the structure model starts fresh, e.g. with another architecture).
     log_every / ckpt_every / eval_every: intervals in steps (eval_every 0 disables validation).
@@ -166,6 +168,11 @@ class Config:
       raise ConfigError(f"loss.consistency_level: {self.loss.consistency_level} needs "
                         f"model.structure_levels > {self.loss.consistency_level}, got "
                         f"{self.model.structure_levels}")
+    if self.loss.consistency_params == "level_increment" and (
+        self.model.level_params != "increment" or self.loss.consistency_level < 1):
+      raise ConfigError("loss.consistency_params: 'level_increment' needs model.level_params="
+                        f"'increment' and loss.consistency_level >= 1, got "
+                        f"{self.model.level_params!r} and {self.loss.consistency_level}")
 
   @classmethod
   def from_config_dict(cls, cd: Mapping[str, Any]) -> "Config":

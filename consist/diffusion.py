@@ -165,9 +165,7 @@ def model_denoiser(model: model_lib.Model, params: dict, batch: GraphBatch,
     raise ValueError(f"structure level {level} not in [0, {model.config.structure_levels})")
 
   def eps_fn(x_t, t_G):
-    level_G = jnp.full(t_G.shape, level, jnp.int32)
-    out = model_lib.structure_output(model, params, batch, x_t * schedule.position_scale, t_G,
-                                     level_G)
+    out = model_lib.structure_output(model, params, batch, x_t * schedule.position_scale, t_G, level)
     if model.config.prediction == "eps":
       return out
     if model.config.prediction == "x0":

@@ -25,8 +25,8 @@ Sampling modes (BRIEF section 2):
            x0 prediction from the given structure.
 
 The structure level asked for (`level`): None = the highest level the model was trained for
-(`TrainedModel.trained_level`: 1, the accurate level, once consistency has moved its offset; an
-untrained level 1 is exactly level 0, so a multi-task model is asked for level 0). Refine's `t_star`:
+(`TrainedModel.trained_level`: 1, the accurate level, once consistency has moved its own
+parameters; an untrained level 1 is exactly level 0, so a multi-task model is asked for level 0). Refine's `t_star`:
 None = the time the level was trained to refine from (`TrainedModel.refine_t_star`): LEVEL0_T_STAR
 for level 0, which denoising trains to give the cheap structure back; for level l >= 1 the start of
 the run's `optimality_t_range`, where consistency trained it.
@@ -220,13 +220,14 @@ class TrainedModel:
   # --- structures ---
   @functools.cached_property
   def trained_level(self) -> int:
-    """The highest structure level whose offset training has moved from its zero initialisation
-    (0 if none: such a level is exactly level 0)."""
+    """The highest structure level whose own parameters (offset, increment) training has moved
+    from their zero initialisation (0 if none: such a level is exactly level 0)."""
     table = self.params.get("encoder", {}).get("level_embedding")
-    if table is None:
-      return 0
-    moved = np.flatnonzero(np.any(np.asarray(table) != 0, axis=-1))
-    return int(moved[-1]) + 1 if moved.size else 0
+    moved = set() if table is None else {int(l) + 1 for l in np.flatnonzero(np.any(np.asarray(table) != 0, axis=-1))}
+    for level, increment in self.params.get(model_lib.LEVEL_INCREMENT, {}).items():
+      if any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(increment)):
+        moved.add(int(level))
+    return max(moved, default=0)
 
   def refine_t_star(self, level: int) -> float:
     """The noise level refine takes the input to at `level`: LEVEL0_T_STAR for level 0; for

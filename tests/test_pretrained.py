@@ -58,7 +58,8 @@ def test_refine_asks_for_the_level_each_bundled_model_was_trained_for(model):
 
 def test_stage2_configs_fit_the_bundled_stage1_and_pretrained_models(model):
   """The stage-2 arms of the reproduction and the demo start from models/structure_stage1: their
-  model config (configs/pretrained.py) must be the one stored with it, and with models/pretrained."""
+  model config (configs/pretrained.py) must be the one stored with it, but for the level
+  increments stage 2 adds (zero at its start), and the one of models/pretrained."""
   import dataclasses
   from consist.config import Config
   from consist.reproduce import load_config
@@ -66,10 +67,11 @@ def test_stage2_configs_fit_the_bundled_stage1_and_pretrained_models(model):
   def architecture(m):  # without the energy model's data statistics, which training fills in
     return dataclasses.replace(m, energy=dataclasses.replace(m.energy, avg_num_neighbors=0.0, scale=0.0, shift=0.0))
 
-  stored = architecture(inference.load_model(STRUCTURE_STAGE1).config.model)
-  assert architecture(model.config.model) == stored
+  stage1 = architecture(inference.load_model(STRUCTURE_STAGE1).config.model)
   for name in ("reproduce_pretrained.py", "demo.py"):
-    assert architecture(Config.from_config_dict(load_config(REPO / "configs" / name).stage2).model) == stored, name
+    stage2 = architecture(Config.from_config_dict(load_config(REPO / "configs" / name).stage2).model)
+    assert stage2 == architecture(model.config.model), name
+    assert dataclasses.replace(stage2, level_params=stage1.level_params) == stage1, name
 
 
 def test_missing_bundled_model_says_how_to_make_it(monkeypatch, tmp_path):

@@ -170,6 +170,29 @@ def test_stage2_from_stage1_and_baseline(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_level_increments_start_at_zero_from_stage1_and_leave_level0_to_denoising(dataset, tmp_path):
+  """A stage 2 with level increments starts from a stage 1 without (increments at 0); consistency
+  routed to them moves level 1 only: the shared parameters end bitwise where the same run without
+  consistency (the multi-task arm) ends them."""
+  stage1 = smoke(dataset, steps=3, eval_every=0)
+  stage1.model.update(prediction="edm", structure_levels=2)
+  stage1.loss.denoise_weighting = "edm"
+  train_and_evaluate(stage1, tmp_path / "s1")
+  for arm, weight in (("consistency", 1.0), ("multitask", 0.0)):
+    c = smoke(dataset, "stage2", steps=2, eval_every=0, init_from=str(tmp_path / "s1"))
+    c.model.update(prediction="edm", structure_levels=2, level_params="increment")
+    c.loss.update(denoise_weighting="edm", optimality_weight=weight, score_weight=0.0,
+                  optimality_form="descent", optimality_noise=False, optimality_t_range=(0.02, 0.02),
+                  consistency_level=1, consistency_params="level_increment")
+    train_and_evaluate(c, tmp_path / arm)
+  runs = {arm: inference.load_model(tmp_path / arm) for arm in ("consistency", "multitask")}
+  assert runs["consistency"].trained_level == 1 and runs["multitask"].trained_level == 0
+  for name in ("energy_model", "encoder", "structure_head"):
+    for a, b in zip(jax.tree.leaves(runs["consistency"].params[name]), jax.tree.leaves(runs["multitask"].params[name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+@pytest.mark.slow
 def test_structure_model_on_another_runs_energy_model(dataset, tmp_path):
   """init_mode "energy_model": the energy model's parameters come from the other run (bitwise),
   the structure model, here of another architecture, starts fresh."""

@@ -4,7 +4,8 @@ Multi-task terms (energy, forces, denoising) see all params. Each consistency te
   * the energy through params entirely under stop_gradient (E_sg): the energy head NEVER receives
     gradient from a consistency term, and neither does the encoder through the energy pathway;
   * the structure denoiser through `route_params(params, config.consistency_params)`: only the
-    named subtrees ("structure_head", or "structure_head+encoder") stay differentiable.
+    named subtrees ("structure_head", "structure_head+encoder", or "level_increment": the
+    consistency level's own increment, nothing level 0 uses) stay differentiable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from consist.losses import multitask, optimality, score
 from consist.models import model as model_lib
 from consist.types import GraphBatch
 
-CONSISTENCY_PARAMS = ("structure_head", "structure_head+encoder")
+CONSISTENCY_PARAMS = ("structure_head", "structure_head+encoder", "level_increment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,8 @@ class LossConfig:
     score_weight: weight of score consistency (stage 2).
     score_t: the small time t_s of the score (see `consist.losses.score` for the choice).
     kT: eV, temperature of the Boltzmann ensemble the structure data is taken to be.
-    consistency_params: which params consistency terms may update: "structure_head" or
-      "structure_head+encoder".
+    consistency_params: which params consistency terms may update: "structure_head",
+      "structure_head+encoder" or "level_increment" (needs `ModelConfig.level_params="increment"`).
     consistency_level: the structure level (`ModelConfig.structure_levels`) the consistency terms
       train: 0 = the level denoising trains (the paper's single structure model: the two pull the
       same prediction toward the cheap structures and the learned minima), 1 = the accurate level,

@@ -9,6 +9,7 @@ import dataclasses
 
 PREDICTIONS = ("eps", "x0", "edm")
 TRUNKS = ("separate", "shared")
+LEVEL_PARAMS = ("offset", "increment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,11 @@ class ModelConfig:
       that consistency terms train (`LossConfig.consistency_level`). Level l > 0 adds a learned
       embedding to the time conditioning, initialised to 0, so an untrained level 1 is exactly
       level 0. Default 1 (runs stored before levels existed load unchanged); the configs use 2.
+    level_params: what a level l > 0 has of its own. "offset": the conditioning embedding alone
+      (every other structure parameter shared with level 0); "increment": also an increment of
+      every structure-model parameter (`params["level_increment"]`, zero at init), so level l's
+      network is level 0's plus its increment, and consistency routed to "level_increment" trains
+      level l without moving anything level 0 uses.
   """
 
   energy: EnergyModelConfig = EnergyModelConfig()
@@ -118,10 +124,13 @@ class ModelConfig:
   avg_num_neighbors: float = 8.0
   prediction: str = "eps"
   structure_levels: int = 1
+  level_params: str = "offset"
 
   def __post_init__(self):
     if self.trunk not in TRUNKS:
       raise ValueError(f"ModelConfig.trunk must be one of {TRUNKS}, got {self.trunk!r}")
+    if self.level_params not in LEVEL_PARAMS:
+      raise ValueError(f"ModelConfig.level_params must be one of {LEVEL_PARAMS}, got {self.level_params!r}")
     if self.prediction not in PREDICTIONS:
       raise ValueError(f"ModelConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
     for name in ("channels", "num_layers", "num_radial", "radial_hidden", "time_frequencies",

@@ -1,7 +1,9 @@
 """`Model`: the energy model + the structure model (encoder + head), and pure functions over params.
 
-The params tree is `{"energy_model": ..., "encoder": ..., "structure_head": ...}`, so losses can
-route gradients by subtree (`consist.losses.total`). The energy model (`consist.models.mace.MACE`)
+The params tree is `{"energy_model": ..., "encoder": ..., "structure_head": ...}`, plus, with
+`ModelConfig.level_params == "increment"`, `"level_increment": {"<l>": {"encoder": ...,
+"structure_head": ...}}` for each structure level l >= 1, so losses can route gradients by subtree
+(`consist.losses.total`). The energy model (`consist.models.mace.MACE`)
 does not depend on the diffusion time; the structure encoder is conditioned on it and, with
 `ModelConfig.trunk == "shared"`, also reads the energy model's node features.
 """
@@ -21,7 +23,8 @@ from consist.models.heads import StructureHead
 from consist.models.mace import MACE
 from consist.types import GraphBatch
 
-PARAM_SUBTREES = ("energy_model", "encoder", "structure_head")
+STRUCTURE_SUBTREES = ("encoder", "structure_head")
+LEVEL_INCREMENT = "level_increment"
 
 
 class Model(nn.Module):
@@ -59,7 +62,11 @@ def init_params(model: Model, rng: jax.Array, batch: GraphBatch) -> dict:
   """Params for `model`, shaped by one (device) batch."""
   positions = jnp.asarray(batch.positions)
   t_G = jnp.zeros(batch.graph_mask.shape, positions.dtype)
-  return model.init(rng, batch, positions, t_G)["params"]
+  params = model.init(rng, batch, positions, t_G)["params"]
+  if model.config.level_params == "increment":
+    zeros = {k: jax.tree.map(jnp.zeros_like, params[k]) for k in STRUCTURE_SUBTREES}
+    params = dict(params, **{LEVEL_INCREMENT: {str(l): zeros for l in range(1, model.config.structure_levels)}})
+  return params
 
 
 
@@ -84,9 +91,23 @@ def energy_and_forces(model: Model, params: dict, batch: GraphBatch,
   return e_G, jnp.where(batch.node_mask[:, None], -grad, 0.0)
 
 
+def level_params(params: dict, level: int) -> dict:
+  """The params level `level` runs with: with level increments, the structure model's plus the
+  level's increment (level 0: its own); the increments themselves are dropped."""
+  increments = params.get(LEVEL_INCREMENT)
+  if increments is None:
+    return params
+  params = {k: v for k, v in params.items() if k != LEVEL_INCREMENT}
+  if level == 0:
+    return params
+  inc = increments[str(level)]
+  return dict(params, **{k: jax.tree.map(jnp.add, params[k], inc[k]) for k in STRUCTURE_SUBTREES})
+
+
 def structure_output(model: Model, params: dict, batch: GraphBatch, positions_N3: jax.Array,
-                     t_G: jax.Array, level_G: jax.Array | None = None) -> jax.Array:
+                     t_G: jax.Array, level: int = 0) -> jax.Array:
   """Raw structure-head output [N, 3] (eps, x0 displacement or F: `ModelConfig.prediction`) at
-  structure level [G] (None: 0)."""
-  return model.apply({"params": params}, batch, positions_N3, t_G, level_G,
+  structure level `level` (every graph)."""
+  level_G = jnp.full(t_G.shape, level, jnp.int32) if model.config.structure_levels > 1 else None
+  return model.apply({"params": level_params(params, level)}, batch, positions_N3, t_G, level_G,
                      method=Model.structure)
