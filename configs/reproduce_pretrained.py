@@ -12,7 +12,8 @@ then per seed s (run and data-order seeds + s), from it:
   multitask    stage 1 continued, same steps, denoising only (the compute-matched baseline)
   consistency  the same + optimality consistency (descent form) at the accurate structure level:
                the prediction from the unnoised MMFF94 structure at t* is asked to be a minimum of
-               the learned energy (configs/pretrained.py:consistency)
+               the learned energy (configs/pretrained.py:consistency); it trains only level 1's
+               own parameter increment, so the arm's level 0 is bitwise its multi-task twin's
 Force data reach the structure model only through the energy model, which trained on them before
 stage 1 and does not change here; the arms "+forces" of `consist.reproduce` would differ from these
 only in the batches' share of off-equilibrium records and are not run.
@@ -20,8 +21,8 @@ only in the batches' share of off-equilibrium records and are not run.
 Evaluation on the whole test split (761 molecules; GFN2-xTB minima as reference): refine
 (deterministic, one step from the MMFF94 structure at the highest structure level the arm trained,
 at the t* it trained it for: level 0 at 0.005 for multitask, level 1 at 0.02 for consistency), de
-novo (ancestral DDIM, 200 steps from the graph: the sampler's default; the results/ of session 8
-used 10 deterministic steps), relax (the MMFF94 structure relaxed on the learned energy: the same
+novo (ancestral DDIM, 200 steps from the graph at level 0, the sampler's default; an arm with a
+trained level 1 then refines that sample at level 1), relax (the MMFF94 structure relaxed on the learned energy: the same
 for every arm, computed once), and the MMFF94 / ETKDG baselines.
 """
 

@@ -164,3 +164,7 @@ def test_launch_evaluate_cli(trained, tmp_path):
   proc = subprocess.run(base + ["--workdir", str(tmp_path / "nowhere"), "--out", str(out)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 1 and f"--workdir {tmp_path / 'nowhere'}: cannot load" in proc.stderr
+  proc = subprocess.run(base + ["--workdir", str(trained), "--level", "0", "--out", str(out)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "level: unknown level of theory '0'" in proc.stderr.strip().splitlines()[-1]

@@ -50,7 +50,7 @@ from consist.data.record import MoleculeRecord
 from consist.data.store import Store, open_dataset
 from consist.eval import physics, structure
 from consist.inference import Sampling, TrainedModel
-from consist.levels import mmff
+from consist.levels import check_level_name, mmff
 from consist.progress import Progress
 from consist.relax import RelaxSettings
 
@@ -84,6 +84,10 @@ class EvalSettings:
   etkdg_seed: int = 0
 
   def __post_init__(self):
+    try:
+      check_level_name(self.level)
+    except ValueError as e:
+      raise ValueError(f"level: {e}") from None
     if self.workers < 0 or self.max_molecules < 0:
       raise ValueError(f"workers and max_molecules must be >= 0, got {self.workers}, "
                        f"{self.max_molecules}")

@@ -10,22 +10,32 @@ from consist.levels.base import (REASON_ELEMENT, REASON_SCF, REASON_SETUP, REASO
                                  UnsupportedElementError, UnsupportedStateError)
 
 
+def check_level_name(name: str) -> str:
+  """`name` normalised (stripped, lower case) if it names a level `get_level` builds.
+
+  Raises:
+    ValueError: it does not.
+  """
+  key = name.strip().lower()
+  if key in ("mmff94", "gfn1-xtb", "gfn2-xtb") or "/" in key:
+    return key
+  raise ValueError(f"unknown level of theory {name!r}: expected mmff94, gfn1-xtb, gfn2-xtb or "
+                   "<functional>/<basis> (e.g. b3lyp/6-31g*)")
+
+
 def get_level(name: str, **options) -> Level:
   """"mmff94" | "gfn1-xtb" | "gfn2-xtb" | "<functional>/<basis>" (PySCF); options go to the level."""
-  key = name.strip().lower()
+  key = check_level_name(name)
   if key == "mmff94":
     from consist.levels.mmff import MmffLevel  # pylint: disable=g-import-not-at-top
     return MmffLevel(**options)
   if key in ("gfn1-xtb", "gfn2-xtb"):
     from consist.levels.xtb import XtbLevel  # pylint: disable=g-import-not-at-top
     return XtbLevel(key, **options)
-  if "/" in key:
-    from consist.levels.dft import DftLevel  # pylint: disable=g-import-not-at-top
-    return DftLevel(key, **options)
-  raise ValueError(f"unknown level of theory {name!r}: expected mmff94, gfn1-xtb, gfn2-xtb or "
-                   "<functional>/<basis> (e.g. b3lyp/6-31g*)")
+  from consist.levels.dft import DftLevel  # pylint: disable=g-import-not-at-top
+  return DftLevel(key, **options)
 
 
 __all__ = ["Level", "LevelError", "RelaxResult", "ScfNotConvergedError", "UnsupportedElementError",
            "UnsupportedStateError", "REASON_ELEMENT", "REASON_SCF", "REASON_SETUP", "REASON_STATE",
-           "get_level"]
+           "check_level_name", "get_level"]
