@@ -1,5 +1,7 @@
 """Losses: masking / normalisation, the HVP, gradient routing, and the synthetic-world physics."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,10 +115,15 @@ def test_hvp_equals_finite_differences_of_forces_float64(setup):
 @pytest.mark.parametrize("routing", total.CONSISTENCY_PARAMS)
 def test_consistency_gradient_routing(setup, term, form, routing):
   b, model, params = setup
+  increment = routing == "level_increment"
+  if increment:  # level 1 with its own increment, moved off zero so that level 1 differs from 0
+    model, params = fx.model_and_params(
+        dataclasses.replace(fx.SMALL, structure_levels=2, level_params="increment"), example=b)
+    params = dict(params, level_increment=jax.tree.map(lambda p: p + 0.01, params["level_increment"]))
   config = total.LossConfig(
       optimality_weight=1.0 if term == "optimality" else 0.0,
       optimality_form=form or "stationarity", score_weight=1.0 if term == "score" else 0.0,
-      consistency_params=routing)
+      consistency_params=routing, consistency_level=1 if increment else 0)
 
   def loss(p):
     return total.consistency_terms(model, diffusion.Schedule(), config, p, b,
@@ -125,8 +132,11 @@ def test_consistency_gradient_routing(setup, term, form, routing):
   grads = jax.grad(loss)(params)
   norm = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
   assert norm(grads["energy_model"]) == 0.0
-  assert norm(grads["structure_head"]) > 0.0
+  assert (norm(grads["structure_head"]) > 0.0) == (not increment)
   assert (norm(grads["encoder"]) > 0.0) == (routing == "structure_head+encoder")
+  if increment:
+    assert norm(grads["level_increment"]["1"]["structure_head"]) > 0.0
+    assert norm(grads["level_increment"]["1"]["encoder"]) > 0.0
 
 
 def test_relaxed_form_is_the_distance_to_the_minimum_in_the_predicted_frame():
