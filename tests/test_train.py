@@ -1,5 +1,6 @@
 """train_and_evaluate end to end on a small synthetic dataset; bad input fails before any step."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -55,7 +56,10 @@ def test_pretrained_and_energy_configs_train_the_two_models_apart():
   assert second.model.trunk == "separate"  # so run 2 cannot change run 1's energy model
   third = Config.from_config_dict(load_config("pretrained", "consistency"))
   assert third.train.stage == 2 and third.loss.has_consistency and third.loss.consistency_level == 1
-  assert third.model == second.model and third.loss.energy_weight == third.loss.forces_weight == 0
+  # The same structure model, plus level 1's own increment (only it receives consistency gradients).
+  assert third.model.level_params == "increment" and third.loss.consistency_params == "level_increment"
+  assert dataclasses.replace(third.model, level_params=second.model.level_params) == second.model
+  assert third.loss.energy_weight == third.loss.forces_weight == 0
 
 
 @pytest.mark.parametrize("name", ["smoke", "quickstart", "default", "pm6"])
