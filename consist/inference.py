@@ -223,7 +223,9 @@ class TrainedModel:
     """The highest structure level whose own parameters (offset, increment) training has moved
     from their zero initialisation (0 if none: such a level is exactly level 0)."""
     table = self.params.get("encoder", {}).get("level_embedding")
-    moved = set() if table is None else {int(l) + 1 for l in np.flatnonzero(np.any(np.asarray(table) != 0, axis=-1))}
+    moved = set()
+    if table is not None:
+      moved = {int(l) + 1 for l in np.flatnonzero(np.any(np.asarray(table) != 0, axis=-1))}
     for level, increment in self.params.get(model_lib.LEVEL_INCREMENT, {}).items():
       if any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(increment)):
         moved.add(int(level))

@@ -423,13 +423,14 @@ class Reproduction:
         sampling = model.resolve(self.rc.sampling(mode))
       path = self.workdir / "evals" / f"seed{seed}" / arm / f"{mode}.json"
       key = {"step": step, "sampling": dataclasses.asdict(sampling), "settings": settings,
-             "mol_ids": mol_ids, "sampler_revision": SAMPLER_REVISION}
+             "mol_ids": mol_ids}
       if relax:  # a function of the energy model alone: arms that share it share the evaluation
         model = model or TrainedModel.load(workdir)
         fingerprint = energy_model_fingerprint(model.params)
         path = self.workdir / "evals" / f"relax_{fingerprint[:16]}.json"
         key = dict(key, step=None, energy_model=fingerprint)
-        del key["sampler_revision"]
+      else:
+        key["sampler_revision"] = SAMPLER_REVISION
       stored = self._cached(path, key)
       if stored is not None:
         out[mode] = eval_run.Evaluation.from_json(stored["evaluation"])

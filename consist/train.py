@@ -255,15 +255,15 @@ def _setup_and_run(cfg: Config, workdir: Path, ckpt: checkpoint.Checkpointer, da
     state, data_state = parallel.init_state_sharded(create, mesh), None
     if cfg.train.init_from:
       with_opt = cfg.train.init_mode == "params+opt"
-      fresh = set(abstract.params) - checkpoint.stored_param_subtrees(cfg.train.init_from)
       if cfg.train.init_mode == "energy_model":
         loaded, from_step = checkpoint.load_init_subtrees(cfg.train.init_from, abstract.params,
                                                           ("energy_model",))
         params, opt_state = state.params | loaded, None
-      elif fresh == {model_lib.LEVEL_INCREMENT} and not with_opt:
+      elif not with_opt and model_lib.LEVEL_INCREMENT in abstract.params and (
+          model_lib.LEVEL_INCREMENT not in checkpoint.stored_param_subtrees(cfg.train.init_from)):
         # A run without level increments (e.g. a stage 1): its parameters, the increments at 0.
-        loaded, from_step = checkpoint.load_init_subtrees(
-            cfg.train.init_from, abstract.params, tuple(k for k in abstract.params if k not in fresh))
+        names = tuple(k for k in abstract.params if k != model_lib.LEVEL_INCREMENT)
+        loaded, from_step = checkpoint.load_init_subtrees(cfg.train.init_from, abstract.params, names)
         params, opt_state = state.params | loaded, None
       else:
         params, opt_state, from_step = checkpoint.load_init(cfg.train.init_from, abstract,
