@@ -21,8 +21,9 @@ only in the batches' share of off-equilibrium records and are not run.
 Evaluation on the whole test split (761 molecules; GFN2-xTB minima as reference): refine
 (deterministic, one step from the MMFF94 structure at the highest structure level the arm trained,
 at the t* it trained it for: level 0 at 0.005 for multitask, level 1 at 0.02 for consistency), de
-novo (ancestral DDIM, 200 steps from the graph at level 0, the sampler's default; an arm with a
-trained level 1 then refines that sample at level 1), relax (the MMFF94 structure relaxed on the learned energy: the same
+novo (one plain ancestral DDIM sample, 200 steps from the graph at level 0, noise scale 1, no
+consensus: the sampler results/ was made with, cheaper than `launch.predict`'s default medoid of 16
+samples; an arm with a trained level 1 then refines that sample at level 1), relax (the MMFF94 structure relaxed on the learned energy: the same
 for every arm, computed once), and the MMFF94 / ETKDG baselines.
 """
 
@@ -47,6 +48,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seeds=3, arms=("multitask", "consistency"), stage1_force_data=False,
       stage1_workdir=str(STRUCTURE_STAGE1), force_weight=10.0,
       split="test", modes=("refine", "ddim", "relax"),
-      samples=1, steps=200, t_start=1.0, t_star=None, eta=None,
+      samples=1, steps=200, t_start=1.0, t_star=None, eta=None, noise_scale=1.0, candidates=1,
       noise=False, refine_steps=1, level="gfn2-xtb", workers=2, max_molecules=0, eval_seed=0)
   return c

@@ -213,8 +213,12 @@ def sample_one_step(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rn
 
 def sample_ddim(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: jax.Array, *,
                 num_steps: int, t_start: float = 1.0, init_positions: jax.Array | None = None,
-                eta: float = 0.0, noise: bool = True, dtype=jnp.float32) -> jax.Array:
+                eta: float = 0.0, noise_scale: float = 1.0, noise: bool = True,
+                dtype=jnp.float32) -> jax.Array:
   """DDIM from t_start to 0 in `num_steps` uniform steps; eta = 0 deterministic, 1 ~ ancestral.
+
+  noise_scale: the fresh noise each stochastic step injects is multiplied by it (1 = the DDIM
+  sampler of the learned distribution; < 1 = a lower-temperature, mode-seeking sampler).
 
   noise: with `init_positions`, whether they are noised to t_start (SDEdit) or taken as x_t's
   mean (a deterministic refinement). Returns the x0 prediction of the last step (t_1 -> 0) as
@@ -226,7 +230,7 @@ def sample_ddim(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: j
 
   def step(x, inputs):
     t, s, key = inputs
-    return ddim_step(eps_fn, x, t, s, batch, schedule, key, eta=eta)
+    return ddim_step(eps_fn, x, t, s, batch, schedule, key, eta=eta, noise_scale=noise_scale)
 
   keys = split_keys(step_rng, num_steps)
   _, x0_predictions = jax.lax.scan(step, x, (times[:-1], times[1:], keys))
@@ -234,26 +238,29 @@ def sample_ddim(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: j
 
 
 def ddim_step(eps_fn: DenoiseFn, x_t: jax.Array, t: jax.Array, s: jax.Array, batch: GraphBatch,
-              schedule: Schedule, rng: jax.Array, *, eta: float = 0.0):
-  """One DDIM update from time t to s < t (scalars). Returns (x_s, x0 prediction at t)."""
+              schedule: Schedule, rng: jax.Array, *, eta: float = 0.0, noise_scale: float = 1.0):
+  """One DDIM update from time t to s < t (scalars). Returns (x_s, x0 prediction at t).
+
+  x_s = a_s x0 + sqrt(s_s^2 - c^2) eps + noise_scale c z, c = eta * (the DDPM posterior std)."""
   a_t, s_t = schedule.alpha_sigma(t)
   a_s, s_s = schedule.alpha_sigma(s)
   eps = eps_fn(x_t, jnp.full(batch.graph_mask.shape, t, x_t.dtype))
   x0 = (x_t - s_t * eps) / a_t
   c = eta * jnp.sqrt(jnp.clip((s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2), 0.0, None))
   x_s = a_s * x0 + jnp.sqrt(jnp.clip(s_s**2 - c**2, 0.0, None)) * eps
-  if eta:
-    x_s = x_s + c * centered_noise(rng, batch, x_t.dtype)
+  if eta and noise_scale:
+    x_s = x_s + noise_scale * c * centered_noise(rng, batch, x_t.dtype)
   return jnp.where(batch.node_mask[:, None], x_s, 0.0), x0
 
 
 def refine(eps_fn: DenoiseFn, batch: GraphBatch, schedule: Schedule, rng: jax.Array,
            positions_N3: jax.Array, *, t_star: float, num_steps: int, eta: float = 0.0,
-           noise: bool = True) -> jax.Array:
+           noise_scale: float = 1.0, noise: bool = True) -> jax.Array:
   """Refinement of `positions_N3` (Å in and out): SDEdit (noise them to t_star, then DDIM to 0)
   or, noise False, DDIM from their unnoised x_t (num_steps 1: one deterministic x0 prediction)."""
   return sample_ddim(eps_fn, batch, schedule, rng, num_steps=num_steps, t_start=t_star,
-                     init_positions=positions_N3, eta=eta, noise=noise, dtype=positions_N3.dtype)
+                     init_positions=positions_N3, eta=eta, noise_scale=noise_scale, noise=noise,
+                     dtype=positions_N3.dtype)
 
 
 def sample_k(sampler: Callable[[jax.Array], jax.Array], rng: jax.Array, k: int) -> jax.Array:

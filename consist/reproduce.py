@@ -107,9 +107,11 @@ class ReproduceConfig:
     modes: generation modes evaluated ("denoise", "ddim", "refine"), and "relax" (the cheap
       structure relaxed on the arm's learned energy to `relax_fmax` eV/Å with `relax_method`;
       "" = `consist.relax.RelaxSettings`' default).
-    samples, steps, t_start, t_star, eta, noise: `consist.inference.Sampling` of the evaluation
-      (eta None: each mode's default; each arm is asked for the highest structure level its model
-      was trained for; t_star None: the level's own, `TrainedModel.refine_t_star`).
+    samples, steps, t_start, t_star, eta, noise_scale, candidates, noise: `consist.inference.Sampling`
+      of the evaluation (eta / noise_scale None, candidates 0: each mode's default; by default one
+      plain sample; candidates apply to the sampled modes, refine is deterministic; each arm is
+      asked for the highest structure level its model was trained for; t_star None: the level's
+      own, `TrainedModel.refine_t_star`).
     refine_steps: DDIM steps of mode refine (0: `steps`).
     level, workers, max_molecules: `consist.eval.run.EvalSettings`.
     eval_seed: sampling seed and ETKDG seed.
@@ -130,6 +132,8 @@ class ReproduceConfig:
   t_start: float = 1.0
   t_star: float | None = 0.1
   eta: float | None = 0.0
+  noise_scale: float | None = 1.0
+  candidates: int = 1
   noise: bool = True
   refine_steps: int = 0
   level: str = "gfn2-xtb"
@@ -171,7 +175,9 @@ class ReproduceConfig:
   def sampling(self, mode: str) -> Sampling:
     steps = self.refine_steps if mode == "refine" and self.refine_steps else self.steps
     return Sampling(mode=mode, samples=self.samples, steps=steps, t_start=self.t_start,
-                    t_star=self.t_star, eta=self.eta, noise=self.noise, seed=self.eval_seed)
+                    t_star=self.t_star, eta=self.eta, noise_scale=self.noise_scale,
+                    candidates=0 if mode == "refine" else self.candidates, noise=self.noise,
+                    seed=self.eval_seed)
 
   def relax_settings(self) -> RelaxSettings:
     method = {"method": self.relax_method} if self.relax_method else {}
@@ -501,7 +507,8 @@ class Reproduction:
         "force data": (f"force loss (weight {rc.force_weight}) + off-equilibrium records; without: "
                        "equilibrium records only, no force labels"),
         "sampling": (f"K={rc.samples} per molecule; ddim {ddim.steps} steps from t_start "
-                     f"{ddim.t_start}, eta {ddim.eta}; refine {refine.steps} steps from t_star "
+                     f"{ddim.t_start}, eta {ddim.eta}, noise scale {ddim.noise_scale}, each the medoid of "
+                     f"{ddim.candidates} candidate(s); refine {refine.steps} steps from t_star "
                      f"{refine.t_star or 'the level trained for'} "
                      f"({'noised' if refine.noise else 'unnoised'}), eta {refine.eta}; seed {rc.eval_seed}"),
         "accurate level": rc.level,

@@ -50,6 +50,7 @@ def main(argv):
   try:
     sampling = run.Sampling(mode=sf.MODE.value, samples=sf.SAMPLES.value, steps=sf.STEPS.value,
                             t_start=_T_START.value, t_star=sf.T_STAR.value, eta=sf.ETA.value,
+                            noise_scale=sf.NOISE_SCALE.value, candidates=sf.CANDIDATES.value,
                             noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
     settings = run.EvalSettings(level=_LEVEL.value, workers=_WORKERS.value,
                                 max_molecules=_MAX_MOLECULES.value, etkdg_seed=_SEED.value)

@@ -49,6 +49,13 @@ def _check_sampling_flags() -> None:
       _fail(flag.name, flag.value, "must be >= 1")
   if sf.ETA.value is not None and not 0.0 <= sf.ETA.value <= 1.0:
     _fail("eta", sf.ETA.value, "must lie in [0, 1] (0: deterministic DDIM, 1: ancestral sampling)")
+  if sf.NOISE_SCALE.value is not None and not 0.0 <= sf.NOISE_SCALE.value <= 1.0:
+    _fail("noise_scale", sf.NOISE_SCALE.value, "must lie in [0, 1] (1: the learned distribution)")
+  if sf.CANDIDATES.value < 0:
+    _fail("candidates", sf.CANDIDATES.value, "must be >= 1 (or 0: the mode's default)")
+  if sf.CANDIDATES.value > 1 and sf.MODE.value == "refine":
+    _fail("candidates", sf.CANDIDATES.value, "refine is deterministic; candidates apply to --mode ddim "
+          "or denoise")
   if sf.STEPS.value < 0:
     _fail("steps", sf.STEPS.value, "must be >= 1 (or 0: the mode's default)")
   if _FMAX.value <= 0:
@@ -67,7 +74,9 @@ def main(argv):
 
   try:
     sampling = inference.Sampling(mode=sf.MODE.value, samples=sf.SAMPLES.value, steps=sf.STEPS.value,
-                                  eta=sf.ETA.value, t_star=sf.T_STAR.value, noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
+                                  eta=sf.ETA.value, noise_scale=sf.NOISE_SCALE.value,
+                                  candidates=sf.CANDIDATES.value, t_star=sf.T_STAR.value,
+                                  noise=sf.NOISE.value, level=sf.STRUCTURE_LEVEL.value, seed=_SEED.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:

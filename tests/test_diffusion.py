@@ -120,11 +120,36 @@ def test_ddim_reproduces_gaussian_mean_and_covariance(one_molecule, eta):
   assert np.linalg.norm(np.cov(x1.T) - cov) / np.linalg.norm(cov) > 0.5
 
 
+def test_noise_scale_below_one_samples_a_narrower_distribution(one_molecule):
+  """noise_scale 1 is the learned distribution (above); < 1 lowers its temperature: the samples keep
+  the mean and shrink toward it, the more the smaller the scale."""
+  b = one_molecule
+  n = int(b.node_mask.sum())
+  schedule = diffusion.Schedule()
+  mean, cov, q, s = _gaussian_target(n, np.random.default_rng(0))
+  eps_fn = _gaussian_denoiser(mean, q, s, n, b, schedule)
+  k = 2000
+  spread = []
+  for noise_scale in (1.0, 0.5, 0.0):
+    sample = jax.jit(lambda key, ns=noise_scale: diffusion.sample_k(
+        lambda kk: diffusion.sample_ddim(eps_fn, b, schedule, kk, num_steps=100, eta=1.0,
+                                         noise_scale=ns), key, k))
+    x = np.asarray(sample(jax.random.key(0)))[:, :n].reshape(k, -1)
+    assert np.all(np.abs(x.mean(axis=0) - mean.ravel()) < 5 * np.sqrt(np.diag(cov) / k) + 1e-4)
+    spread.append(np.trace(np.cov(x.T)) / np.trace(cov))
+  assert abs(spread[0] - 1.0) < 0.1 and spread[1] < 0.8 * spread[0] and spread[2] < 0.8 * spread[1], spread
+
+
 def test_sampling_defaults_are_per_mode():
   from consist.inference import Sampling
   ddim, refine = Sampling(mode="ddim"), Sampling(mode="refine")
-  assert (ddim.steps, ddim.eta) == (200, 1.0)  # de novo: ancestral
-  assert (refine.steps, refine.eta) == (1, 0.0)  # refine: one deterministic step
+  assert (ddim.steps, ddim.eta, ddim.noise_scale, ddim.candidates) == (100, 1.0, 0.5, 16)  # de novo:
+  # ancestral at a lower temperature, the medoid of 16 samples
+  assert (refine.steps, refine.eta, refine.candidates) == (1, 0.0, 1)  # refine: one deterministic step
   assert Sampling(mode="ddim", steps=10, eta=0.0).eta == 0.0  # explicit values are kept
   with pytest.raises(ValueError, match=r"eta: must lie in \[0, 1\]"):
     Sampling(mode="ddim", eta=1.5)
+  with pytest.raises(ValueError, match=r"noise_scale: must lie in \[0, 1\]"):
+    Sampling(mode="ddim", noise_scale=-0.1)
+  with pytest.raises(ValueError, match="candidates: .* 1 in refine mode"):
+    Sampling(mode="refine", candidates=4)

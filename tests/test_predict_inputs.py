@@ -131,6 +131,11 @@ def test_cli_empty_input_and_flag_errors_before_loading_the_model(tmp_path):
   out = _cli("--smiles", "CCO", "--mode", "ddim", "--eta", "1.5", *missing_model)
   assert out.returncode == 2 and "--eta=1.5: must lie in [0, 1]" in out.stderr
   assert "Traceback" not in out.stderr
+  out = _cli("--smiles", "CCO", "--mode", "ddim", "--noise_scale", "-1", *missing_model)
+  assert out.returncode == 2 and "--noise_scale=-1.0: must lie in [0, 1]" in out.stderr
+  out = _cli("--smiles", "CCO", "--candidates", "4", *missing_model)  # refine is deterministic
+  assert out.returncode == 2 and "--candidates=4: refine is deterministic" in out.stderr
+  assert "Traceback" not in out.stderr
   assert not list(tmp_path.glob("x.sdf"))
 
 

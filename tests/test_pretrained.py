@@ -132,7 +132,7 @@ def test_ddim_at_the_accurate_level_samples_level_0_then_refines(model):
   import dataclasses  # pylint: disable=import-outside-toplevel
   test = open_dataset(BUNDLED_DATASET)["test"]
   records = [test[i] for i in (0, 5, 9)]
-  ddim = inference.Sampling(mode="ddim", steps=4)
+  ddim = inference.Sampling(mode="ddim", steps=4, candidates=1)
   level0 = model.sample(records, dataclasses.replace(ddim, level=0))
   handed = model.sample(records, ddim)
   refined = model.sample([dataclasses.replace(r, positions=x[0]) for r, x in zip(records, level0)],
@@ -140,3 +140,16 @@ def test_ddim_at_the_accurate_level_samples_level_0_then_refines(model):
   for a, b, x0 in zip(handed, refined, level0):
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert np.abs(a - x0).max() > 1e-3  # level 1 moved it
+
+
+def test_each_consensus_structure_is_the_medoid_of_its_own_candidates(model):
+  """candidates=C draws the same C structures as samples=C (the same keys) and returns their medoid."""
+  from consist import consensus  # pylint: disable=import-outside-toplevel
+  test = open_dataset(BUNDLED_DATASET)["test"]
+  records = [test[i] for i in (1, 7)]
+  drawn = model.sample(records, inference.Sampling(mode="ddim", steps=4, samples=4, candidates=1, seed=3))
+  chosen = model.sample(records, inference.Sampling(mode="ddim", steps=4, candidates=4, seed=3))
+  for r, x, c in zip(records, drawn, chosen):
+    assert c.shape == (1, *x.shape[1:])
+    np.testing.assert_allclose(c[0], x[consensus.medoid_index(r.atomic_numbers, r.bonds, x, r.charge)],
+                               atol=1e-6)

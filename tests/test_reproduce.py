@@ -35,6 +35,10 @@ def test_pretrained_reproduction_config_freezes_the_bundled_energy_model():
   assert rc.arms == ("multitask", "consistency") and not rc.noise and rc.refine_steps == 1
   assert rc.sampling("refine").steps == 1 and rc.sampling("ddim").steps == rc.steps == 200
   assert rc.sampling("ddim").eta == 1.0 and rc.sampling("refine").eta == 0.0  # ancestral de novo
+  # results/ was made with one plain sample per molecule: pinned against the sampler's defaults
+  assert (rc.sampling("ddim").noise_scale, rc.sampling("ddim").candidates) == (1.0, 1)
+  consensus = ReproduceConfig.from_dict({**c.reproduce.to_dict(), "candidates": 16})
+  assert consensus.sampling("ddim").candidates == 16 and consensus.sampling("refine").candidates == 1
   assert s1.train.init_mode == "energy_model" and s1.train.stage == 1
   for s in (s1, s2):
     assert s.loss.energy_weight == s.loss.forces_weight == 0 and s.model.trunk == "separate"

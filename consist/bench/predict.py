@@ -1,7 +1,8 @@
 """Prediction throughput against the quantum chemistry it replaces, measured in one run.
 
 On molecules of the bundled test split, from their MMFF94 structures (the records' own positions):
-  refine, denoise (one-step de novo), ddim (de novo, the sampler's default: ancestral, 200 steps):
+  refine, denoise (one-step de novo), ddim (de novo with the sampler's defaults), ddim_one_sample
+  (de novo as one plain ancestral sample: 200 steps, noise scale 1, no consensus):
   `TrainedModel.sample`;
   relax, relax_fire, relax_lbfgs: `TrainedModel.relax` (a refilled batch on a radius graph,
     `consist.relax.StreamRelaxer`) on the learned energy to `RELAX_FMAX` eV/Å: BFGS from Lindh's
@@ -109,6 +110,7 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
       "refine": Sampling(mode="refine"),
       "denoise": Sampling(mode="denoise"),
       "ddim": Sampling(mode="ddim"),
+      "ddim_one_sample": Sampling(mode="ddim", steps=200, noise_scale=1.0, candidates=1),
   }
   result: dict = {
       "workdir": str(workdir.resolve()), "step": model.step, "data": f"{data} (test split)",
@@ -120,7 +122,9 @@ def run(quick: bool, workdir: str | Path | None = None, data: str | Path | None 
     timing.pop("_out")
     resolved = model.resolve(sampling)
     result["modes"][name] = {"sampling": {"mode": sampling.mode, "steps": sampling.steps, "eta": sampling.eta,
-                                          "level": resolved.level, "t_star": resolved.t_star}, **timing}
+                                          "noise_scale": sampling.noise_scale,
+                                          "candidates": sampling.candidates, "level": resolved.level,
+                                          "t_star": resolved.t_star}, **timing}
   stream = model._stream  # pylint: disable=protected-access
   for name, method in (("relax", "bfgs"), ("relax_fire", "fire"), ("relax_lbfgs", "lbfgs")):
     settings = RelaxSettings(method=method, fmax=RELAX_FMAX, max_steps=500)

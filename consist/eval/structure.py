@@ -193,6 +193,14 @@ def graph_symmetry(atomic_numbers, bonds, *, max_count: int = MAX_AUTOMORPHISMS)
   return GraphSymmetry(core, core_perms, hydrogens, order, truncated)
 
 
+def heavy_atom_perms(atomic_numbers, sym: GraphSymmetry) -> tuple[np.ndarray, np.ndarray]:
+  """(heavy-atom indices [h], their graph automorphisms [P, h] as permutations of 0..h-1)."""
+  heavy = np.flatnonzero(np.asarray(atomic_numbers) > 1)
+  # Heavy atoms are core atoms; their automorphisms are the core ones restricted to them.
+  in_core = np.searchsorted(sym.core, heavy)
+  return heavy, np.unique(np.searchsorted(heavy, sym.core[sym.core_perms[:, in_core]]), axis=0)
+
+
 def symmetric_rmsd(pred: np.ndarray, ref: np.ndarray, perms: np.ndarray) -> np.ndarray:
   """min over perms [P, n] of kabsch_rmsd(pred, ref[perm]); pred [..., n, 3] -> [...] (Å)."""
   pred = np.asarray(pred, dtype=np.float64)[..., None, :, :]
@@ -275,10 +283,7 @@ def sample_structure_metrics(atomic_numbers, bonds, pred, ref, *,
   if sym.truncated:
     logging.warning("molecule with %d atoms has more than %d core graph automorphisms; "
                     "symmetry-corrected RMSD is an upper bound", z.shape[0], max_automorphisms)
-  heavy = np.flatnonzero(z > 1)
-  # Heavy atoms are core atoms; their automorphisms are the core ones restricted to them.
-  in_core = np.searchsorted(sym.core, heavy)
-  heavy_perms = np.unique(np.searchsorted(heavy, sym.core[sym.core_perms[:, in_core]]), axis=0)
+  heavy, heavy_perms = heavy_atom_perms(z, sym)
   nan = np.full(pred.shape[0], np.nan)
   has_heavy = heavy.shape[0] > 0
   return {
