@@ -95,13 +95,19 @@ def _gaussian_denoiser(mean, q, s, n, batch, schedule):
   return eps_fn
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_reproduces_gaussian_mean_and_covariance(one_molecule, eta):
-  b = one_molecule
-  n = int(b.node_mask.sum())
+@pytest.fixture(scope="module")
+def gaussian(one_molecule):
+  """(n real atoms, schedule, target mean [n, 3], covariance [3n, 3n], its exact denoiser)."""
+  n = int(one_molecule.node_mask.sum())
   schedule = diffusion.Schedule()
   mean, cov, q, s = _gaussian_target(n, np.random.default_rng(0))
-  eps_fn = _gaussian_denoiser(mean, q, s, n, b, schedule)
+  return n, schedule, mean, cov, _gaussian_denoiser(mean, q, s, n, one_molecule, schedule)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_reproduces_gaussian_mean_and_covariance(one_molecule, gaussian, eta):
+  b = one_molecule
+  n, schedule, mean, cov, eps_fn = gaussian
   k = 4000
   sample = jax.jit(lambda key: diffusion.sample_k(
       lambda kk: diffusion.sample_ddim(eps_fn, b, schedule, kk, num_steps=100, eta=eta),
@@ -120,14 +126,11 @@ def test_ddim_reproduces_gaussian_mean_and_covariance(one_molecule, eta):
   assert np.linalg.norm(np.cov(x1.T) - cov) / np.linalg.norm(cov) > 0.5
 
 
-def test_noise_scale_below_one_samples_a_narrower_distribution(one_molecule):
+def test_noise_scale_below_one_samples_a_narrower_distribution(one_molecule, gaussian):
   """noise_scale 1 is the learned distribution (above); < 1 lowers its temperature: the samples keep
   the mean and shrink toward it, the more the smaller the scale."""
   b = one_molecule
-  n = int(b.node_mask.sum())
-  schedule = diffusion.Schedule()
-  mean, cov, q, s = _gaussian_target(n, np.random.default_rng(0))
-  eps_fn = _gaussian_denoiser(mean, q, s, n, b, schedule)
+  n, schedule, mean, cov, eps_fn = gaussian
   k = 2000
   spread = []
   for noise_scale in (1.0, 0.5, 0.0):
