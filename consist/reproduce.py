@@ -507,8 +507,9 @@ class Reproduction:
         "force data": (f"force loss (weight {rc.force_weight}) + off-equilibrium records; without: "
                        "equilibrium records only, no force labels"),
         "sampling": (f"K={rc.samples} per molecule; ddim {ddim.steps} steps from t_start "
-                     f"{ddim.t_start}, eta {ddim.eta}, noise scale {ddim.noise_scale}, each the medoid of "
-                     f"{ddim.candidates} candidate(s); refine {refine.steps} steps from t_star "
+                     f"{ddim.t_start}, eta {ddim.eta}, noise scale {ddim.noise_scale}"
+                     + (f", each the medoid of {ddim.candidates} samples" if ddim.candidates > 1 else "")
+                     + f"; refine {refine.steps} steps from t_star "
                      f"{refine.t_star or 'the level trained for'} "
                      f"({'noised' if refine.noise else 'unnoised'}), eta {refine.eta}; seed {rc.eval_seed}"),
         "accurate level": rc.level,
